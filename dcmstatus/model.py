@@ -1,0 +1,80 @@
+"""The values that flow through dcmstatus: decisions made by the I/O-free core
+(a status update or a rejection) and the batches the writers commit.
+
+Nothing here does I/O; every adapter (NATS, PostgreSQL, HTTP) speaks in these
+types, so the core can be tested without servers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Final
+
+import msgspec
+
+# The fixed vocabulary of CONTRACT §3, used in logs, metrics and dead letters.
+MALFORMED_JSON: Final = "malformed_json"
+INVALID_ENVELOPE: Final = "invalid_envelope"
+UNSUPPORTED_SPECVERSION: Final = "unsupported_specversion"
+INVALID_DATA: Final = "invalid_data"
+UNKNOWN_SERVICE_TYPE: Final = "unknown_service_type"
+MISSING_INSTANCE_ID: Final = "missing_instance_id"
+INVALID_INSTANCE_ID: Final = "invalid_instance_id"
+UNKNOWN_STATUS: Final = "unknown_status"
+TOO_LARGE: Final = "too_large"
+
+REJECTION_REASONS: Final = (
+    MALFORMED_JSON,
+    INVALID_ENVELOPE,
+    UNSUPPORTED_SPECVERSION,
+    INVALID_DATA,
+    UNKNOWN_SERVICE_TYPE,
+    MISSING_INSTANCE_ID,
+    INVALID_INSTANCE_ID,
+    UNKNOWN_STATUS,
+    TOO_LARGE,
+)
+
+# How much of a rejected body the dead-letter record keeps.
+DEAD_LETTER_BODY_BYTES: Final = 4096
+
+
+class StatusUpdate(msgspec.Struct, frozen=True, gc=False):
+    """An accepted event, reduced to what the database needs."""
+
+    instance_id: str
+    service_type: str
+    status: str  # canonical, upper case
+    message: str
+    provider: str
+    outputs: bytes | None  # the JSON text of data.output_spec (an object), or None
+    event_time: datetime  # timezone-aware
+    stream_seq: int
+
+    def order_key(self) -> tuple[datetime, int]:
+        """The ordering guard of CONTRACT §5: event time, then stream sequence."""
+        return (self.event_time, self.stream_seq)
+
+
+class Rejection(msgspec.Struct, frozen=True):
+    """An event that will never be applied, with the contract's reason."""
+
+    reason: str  # one of REJECTION_REASONS
+    detail: str  # one human sentence: what was wrong
+    subject: str
+    stream_seq: int
+    headers: dict[str, str] | None
+    body: bytes  # at most DEAD_LETTER_BODY_BYTES
+    service_type: str | None = None
+    instance_id: str | None = None
+
+
+Decision = StatusUpdate | Rejection
+
+
+class BatchResult(msgspec.Struct, frozen=True):
+    """What one committed batch did, for metrics and logs."""
+
+    applied: int
+    stale: int  # newer-or-equal event already stored: replay, duplicate, late
+    unknown: tuple[str, ...]  # instance ids with no row of that service type
