@@ -1,0 +1,234 @@
+"""Deterministic tests of the concurrency core (dcmstatus.pipeline) with
+in-memory fakes of the source and the store, on trio's MockClock with
+autojump: exact times, no sockets, no sleeps in real time."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import trio
+import trio.testing
+
+from dcmstatus.batching import WriteBatch
+from dcmstatus.metrics import Metrics
+from dcmstatus.model import BatchResult, Rejection, StatusUpdate
+from dcmstatus.pipeline import Delivery, Pipeline, PipelineSettings
+
+EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def autojump_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def fake_decode(subject, headers, body, seq, time_ns):
+    """b"<instance>:<status>:<second>" → an update; anything else → a rejection."""
+    try:
+        instance, status, second = body.decode().split(":")
+        return StatusUpdate(instance, "vm", status, "", "test", None, EPOCH + timedelta(seconds=int(second)), seq)
+    except ValueError:
+        return Rejection("malformed_json", "not a fake event", subject, seq, headers, body)
+
+
+class FakeStore:
+    """Commits after `delay`; fails the first `failures` attempts."""
+
+    def __init__(self, delay: float = 0.0, failures: int = 0) -> None:
+        self.delay = delay
+        self.failures = failures
+        self.attempts = 0
+        self.committed: list[tuple[float, WriteBatch]] = []
+        self.rows: dict[str, tuple[datetime, int, str]] = {}
+
+    async def apply(self, batch: WriteBatch) -> BatchResult:
+        self.attempts += 1
+        await trio.sleep(self.delay)
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("database went away")
+        applied = 0
+        for u in batch.updates:
+            current = self.rows.get(u.instance_id)
+            if current is None or (u.event_time, u.stream_seq) > current[:2]:
+                self.rows[u.instance_id] = (u.event_time, u.stream_seq, u.status)
+                applied += 1
+        self.committed.append((trio.current_time(), batch))
+        return BatchResult(applied, len(batch.updates) - applied + batch.superseded, ())
+
+    def committed_tokens(self) -> set:
+        return {t for _, b in self.committed for t in b.tokens}
+
+
+class FakeSource:
+    """Records acks, and checks each one follows the commit of its message."""
+
+    def __init__(self, stores: list[FakeStore]) -> None:
+        self.stores = stores
+        self.acked: list[tuple[float, object]] = []
+
+    async def ack(self, tokens):
+        committed = set().union(*(s.committed_tokens() for s in self.stores))
+        for token in tokens:
+            assert token in committed, f"{token} acked before its commit"
+            self.acked.append((trio.current_time(), token))
+
+    def acked_tokens(self) -> list:
+        return [t for _, t in self.acked]
+
+
+def delivery(seq: int, body: bytes) -> Delivery:
+    return Delivery("dcm.vm", None, body, seq, 0, f"ack-{seq}")
+
+
+def make(settings: PipelineSettings, stores: list[FakeStore]):
+    source = FakeSource(stores)
+    pipeline = Pipeline(fake_decode, source, stores, Metrics(), settings)
+    send, receive = trio.open_memory_channel[Delivery](float("inf"))
+    return pipeline, source, send, receive
+
+
+async def test_flushes_on_size_then_on_timer(autojump_clock):
+    store = FakeStore()
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=1.0, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        for seq in range(1, 26):
+            send.send_nowait(delivery(seq, f"i{seq}:RUNNING:1".encode()))
+        await trio.sleep(5)
+        await send.aclose()
+    sizes = [(round(t - start, 3), len(b)) for t, b in store.committed]
+    # Two full batches at once, the rest when the timer fires.
+    assert sizes == [(0.0, 10), (0.0, 10), (1.0, 5)]
+    assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 26))
+
+
+async def test_single_message_waits_exactly_max_delay(autojump_clock):
+    store = FakeStore()
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=1000, max_delay=0.02, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        send.send_nowait(delivery(1, b"a:RUNNING:1"))
+        await trio.sleep(1)
+        assert [round(t - start, 6) for t, _ in store.committed] == [0.02]
+        await send.aclose()
+
+
+async def test_coalesces_to_newest_per_instance_and_acks_every_message(autojump_clock):
+    store = FakeStore()
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=100, max_delay=0.5, writers=1), [store])
+    bodies = [b"a:PROVISIONING:1", b"a:STOPPED:9", b"a:RUNNING:5", b"b:RUNNING:2", b"a:STOPPED:9"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        for seq, body in enumerate(bodies, start=1):
+            send.send_nowait(delivery(seq, body))
+        await send.aclose()
+    [(_, batch)] = store.committed
+    # Newest by (event time, stream sequence): the replayed seq 5 beats seq 2.
+    assert [(u.instance_id, u.status, u.stream_seq) for u in batch.updates] == [("a", "STOPPED", 5), ("b", "RUNNING", 4)]
+    assert batch.superseded == 3
+    assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 6))
+
+
+async def test_ack_only_after_commit(autojump_clock):
+    store = FakeStore(delay=5.0)
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=0.1, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        send.send_nowait(delivery(1, b"a:RUNNING:1"))
+        await trio.sleep(4)
+        assert source.acked == []
+        await trio.sleep(2)
+        assert [(round(t - start, 3), tok) for t, tok in source.acked] == [(5.1, "ack-1")]
+        await send.aclose()
+
+
+async def test_failing_store_pauses_intake_retries_with_backoff_and_loses_nothing(autojump_clock):
+    store = FakeStore(failures=6)
+    settings = PipelineSettings(max_batch=10, max_delay=0.05, writers=1, retry_initial=0.1, retry_max=1.0)
+    pipeline, source, send, receive = make(settings, [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        for seq in range(1, 1001):
+            send.send_nowait(delivery(seq, f"i{seq % 50}:RUNNING:{seq}".encode()))
+        await trio.sleep(0.5)
+        # Stuck on the first batch: one in the writer, one waiting, one filling.
+        assert source.acked == []
+        taken = 1000 - receive.statistics().current_buffer_used
+        assert taken <= 3 * settings.max_batch
+        assert not pipeline.store_healthy
+        await trio.sleep(10)
+        await send.aclose()
+    # Back-off doubles and is capped: 0.1, 0.2, 0.4, 0.8, 1.0, 1.0.
+    assert store.attempts == 6 + len(store.committed)
+    assert pipeline.store_healthy
+    assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 1001))
+    assert len(source.acked_tokens()) == 1000  # each exactly once
+    assert store.rows["i7"][2] == "RUNNING" and store.rows["i7"][1] == 957
+
+
+async def test_backoff_schedule_is_exact(autojump_clock):
+    store = FakeStore(failures=5)
+    settings = PipelineSettings(max_batch=10, max_delay=0.0001, writers=1, retry_initial=0.1, retry_max=0.5)
+    pipeline, source, send, receive = make(settings, [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        send.send_nowait(delivery(1, b"a:RUNNING:1"))
+        await send.aclose()
+    [(committed_at, _)] = store.committed
+    # Closing the channel flushes at once; then five back-offs, doubling, capped at 0.5.
+    assert round(committed_at - start, 6) == round(0.1 + 0.2 + 0.4 + 0.5 + 0.5, 6)
+
+
+async def test_drain_commits_and_acks_everything_received(autojump_clock):
+    stores = [FakeStore(delay=0.2), FakeStore(delay=0.2)]
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=100, max_delay=30, writers=2), stores)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        for seq in range(1, 251):
+            send.send_nowait(delivery(seq, f"i{seq}:RUNNING:1".encode()))
+        start = trio.current_time()
+        await send.aclose()  # the source stops: no timer wait, flush now
+        with trio.fail_after(2):
+            await pipeline.drained.wait()
+    assert trio.current_time() - start < 1
+    assert len(source.acked_tokens()) == 250
+    # Instances are split between the writers, never shared.
+    ids = [{u.instance_id for _, b in s.committed for u in b.updates} for s in stores]
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+
+
+async def test_rejections_are_committed_then_acked_and_counted(autojump_clock):
+    store = FakeStore()
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=0.1, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        send.send_nowait(delivery(1, b"garbage"))
+        send.send_nowait(delivery(2, b"a:RUNNING:1"))
+        await send.aclose()
+    [(_, batch)] = store.committed
+    assert [r.stream_seq for r in batch.rejections] == [1]
+    assert sorted(source.acked_tokens()) == ["ack-1", "ack-2"]
+    metrics = pipeline._metrics.registry
+    assert metrics.get_sample_value("dcmstatus_events_rejected_total", {"reason": "malformed_json"}) == 1
+    assert metrics.get_sample_value("dcmstatus_events_applied_total") == 1
+
+
+async def test_grace_deadline_cancels_a_hung_store(autojump_clock):
+    store = FakeStore(delay=1000)
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=0.1, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        send.send_nowait(delivery(1, b"a:RUNNING:1"))
+        await trio.sleep(1)
+        await send.aclose()
+        with trio.move_on_after(10) as grace:
+            await pipeline.drained.wait()
+        assert grace.cancelled_caught
+        nursery.cancel_scope.cancel()
+    assert source.acked == []  # never committed, so never acked: NATS redelivers it
