@@ -1,0 +1,127 @@
+"""The PostgreSQL write path (dcmstatus.store) and migrations against a real
+PostgreSQL: the ordering guard, unknown instances, outputs, dead letters."""
+
+import trio_asyncio  # noqa: F401  # before psycopg (field notes)
+
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from dcmstatus.batching import BatchBuilder
+from dcmstatus.db import migrate
+from dcmstatus.model import Rejection, StatusUpdate
+from dcmstatus.store import StatusStore
+
+T0 = datetime(2026, 4, 9, 13, 8, 32, tzinfo=timezone.utc)
+
+
+def update(instance, status, second, seq, *, service_type="vm", message="", outputs=None):
+    return StatusUpdate(instance, service_type, status, message, "kubevirt.localhost", outputs, T0 + timedelta(seconds=second), seq)
+
+
+def batch_of(*decisions):
+    builder = BatchBuilder(1)
+    for i, d in enumerate(decisions):
+        builder.add(d, f"tok{i}")
+    [batch] = builder.take()
+    return batch
+
+
+@pytest.fixture
+def db(database_url):
+    migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for instance, service_type in [("vm1", "vm"), ("vm2", "vm"), ("c1", "container")]:
+            conn.execute(
+                "INSERT INTO service_type_instances (instance_id, service_type) VALUES (%s, %s)",
+                (instance, service_type),
+            )
+    store = StatusStore(database_url, dead_letter_limit=5)
+    yield store, database_url
+    store.close()
+
+
+def row(url, instance):
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT status, status_message, provider_name, outputs, status_time::text, status_seq "
+            "FROM service_type_instances WHERE instance_id = %s",
+            (instance,),
+        ).fetchone()
+
+
+def test_migrate_is_idempotent(database_url):
+    assert migrate(database_url) == ["0001_initial"]
+    assert migrate(database_url) == []
+
+
+def test_applies_newest_and_ignores_replays_and_late_events(db):
+    store, url = db
+    result = store.apply_sync(batch_of(update("vm1", "RUNNING", 10, 5, message="up")))
+    assert (result.applied, result.stale, result.unknown) == (1, 0, ())
+    assert row(url, "vm1")[:3] == ("RUNNING", "up", "kubevirt.localhost")
+
+    # The same event again (redelivery), an older one (late), an equal time with a lower sequence.
+    for late in (update("vm1", "RUNNING", 10, 5), update("vm1", "STOPPED", 9, 6), update("vm1", "FAILED", 10, 4)):
+        result = store.apply_sync(batch_of(late))
+        assert (result.applied, result.stale) == (0, 1)
+    assert row(url, "vm1")[0] == "RUNNING"
+
+    # Same time, later stream sequence: the tie-break lets it through.
+    assert store.apply_sync(batch_of(update("vm1", "STOPPING", 10, 7))).applied == 1
+    assert row(url, "vm1")[0] == "STOPPING"
+
+
+def test_unknown_instance_and_wrong_service_type_are_noops(db):
+    store, url = db
+    result = store.apply_sync(batch_of(update("nope", "RUNNING", 1, 1), update("c1", "RUNNING", 1, 2)))
+    assert result.applied == 0
+    assert sorted(result.unknown) == ["c1", "nope"]  # c1 is a container, not a vm
+    assert row(url, "c1")[0] == "PROVISIONING"
+
+
+def test_outputs_are_kept_when_an_event_has_none(db):
+    store, url = db
+    store.apply_sync(batch_of(update("vm2", "RUNNING", 1, 1, outputs=b'{"ip": "10.0.0.7"}')))
+    store.apply_sync(batch_of(update("vm2", "STOPPED", 2, 2)))
+    status, _, _, outputs, _, _ = row(url, "vm2")
+    assert (status, outputs) == ("STOPPED", {"ip": "10.0.0.7"})
+
+
+def test_dead_letters_are_bounded_to_the_newest(db):
+    store, url = db
+    for seq in range(1, 10):
+        store.apply_sync(batch_of(Rejection("malformed_json", "not JSON", "dcm.vm", seq, None, b"{")))
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT stream_seq FROM rejected_events ORDER BY id").fetchall()
+    # Bounded to the newest dead_letter_limit (5) rows.
+    assert [r[0] for r in rows] == [5, 6, 7, 8, 9]
+
+
+def test_hostile_rejection_fields_are_stored(db):
+    store, url = db
+    hostile = Rejection(
+        "invalid_instance_id", "bad\x00id", "dcm.vm", 1, {"x-h\x00": "v\udc80"}, b"\x00\xff" * 10, "vm", "a\x00b"
+    )
+    store.apply_sync(batch_of(hostile))
+    with psycopg.connect(url) as conn:
+        detail, headers, body, instance_id = conn.execute(
+            "SELECT detail, headers, body, instance_id FROM rejected_events"
+        ).fetchone()
+    assert "\x00" not in detail and "\x00" not in instance_id
+    assert body == b"\x00\xff" * 10
+    assert len(headers) == 1
+
+
+def test_broken_connection_is_reopened(db):
+    store, url = db
+    store.apply_sync(batch_of(update("vm1", "RUNNING", 1, 1)))
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dcmstatus-writer'"
+        )
+    with pytest.raises(psycopg.OperationalError):
+        store.apply_sync(batch_of(update("vm1", "STOPPED", 2, 2)))
+    # The retry (what the pipeline's writer does) gets a new connection.
+    assert store.apply_sync(batch_of(update("vm1", "STOPPED", 2, 2))).applied == 1
