@@ -1,0 +1,340 @@
+"""The NATS JetStream adapter: ensures the stream and the durable pull
+consumer, pulls messages, hands them to trio as `Delivery` values and acks
+them when the pipeline says so.
+
+nats-py is asyncio; it runs inside trio through trio-asyncio (the supervisor
+opens the loop). Two field-notes facts shape this module:
+
+- nats-py's own `fetch()` spawns a task per message (~3k msg/s under
+  trio-asyncio), so it pulls "continuously" itself: one core subscription on
+  an inbox plus `$JS.API.CONSUMER.MSG.NEXT` requests, refilled as room frees
+  up (~80-95k msg/s).
+- Memory is bounded by credit: new pull requests go out only while
+  received-but-unacked plus requested messages stay under `max_in_flight`. A
+  stalled database therefore stops the pulls, not the process.
+
+Nothing reports a consumer deleted behind our back, so a ticker checks
+`consumer_info` and recreates it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+import trio_asyncio
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
+
+from .metrics import Metrics
+from .pipeline import Delivery
+
+log = logging.getLogger(__name__)
+
+_ACK = b"+ACK"
+_encode_json = msgspec.json.Encoder().encode
+
+
+class NatsSettings(msgspec.Struct, frozen=True):
+    url: str
+    stream: str = "dcm-status"
+    subjects: str = "dcm.*"
+    durable: str = "dcmstatus"
+    ack_wait: float = 30.0  # seconds before the server redelivers an unacked message
+    max_ack_pending: int = 20_000
+    max_in_flight: int = 10_000  # our own bound; at most max_ack_pending
+    pull_batch: int = 500
+    pull_expires: float = 5.0
+    check_interval: float = 5.0  # consumer existence check
+
+
+class JetStreamSource:
+    def __init__(self, settings: NatsSettings, metrics: Metrics) -> None:
+        if settings.max_in_flight > settings.max_ack_pending:
+            raise ValueError("max_in_flight must not exceed max_ack_pending")
+        self.settings = settings
+        self._metrics = metrics
+        self._nc: nats.NATS | None = None
+        self._js = None
+        self._sub = None
+        self._inbox = ""
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.durable}"
+        self._deliveries: trio.MemorySendChannel[Delivery] | None = None
+        # Credit accounting, all on the (single) event-loop thread.
+        self._in_flight = 0
+        self._requests: deque[list[float]] = deque()  # [remaining, expires_at] per pull request
+        self._requested = 0
+        self._stopping = False
+        self.consumer_ok = False
+
+    # ---- trio side -------------------------------------------------------
+
+    async def run(
+        self,
+        deliveries: trio.MemorySendChannel[Delivery],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Connect, ensure stream and consumer, subscribe, then keep watch until stopped."""
+        self._deliveries = deliveries
+        await self._connect()
+        await trio_asyncio.aio_as_trio(self._ensure_stream)()
+        await trio_asyncio.aio_as_trio(self._ensure_consumer)()
+        await trio_asyncio.aio_as_trio(self._subscribe)()
+        task_status.started()
+        s = self.settings
+        next_check = trio.current_time() + s.check_interval
+        while not self._stopping:
+            await trio.sleep(min(1.0, s.pull_expires / 2))
+            if self._stopping:
+                break
+            if trio.current_time() >= next_check:
+                next_check = trio.current_time() + s.check_interval
+                await trio_asyncio.aio_as_trio(self._check_consumer)()
+            await trio_asyncio.aio_as_trio(self._refill)()
+
+    async def ack(self, tokens: list[str]) -> None:
+        await trio_asyncio.aio_as_trio(self._ack_and_refill)(tokens)
+
+    async def stop_intake(self) -> None:
+        """Stop pulling; deliver what nats-py already holds; close the channel."""
+        self._stopping = True
+        if self._sub is not None:
+            try:
+                await trio_asyncio.aio_as_trio(self._sub.drain)()
+            except Exception as exc:  # a dead connection has nothing left to drain
+                log.debug("drain of the pull subscription failed: %s", exc)
+        if self._deliveries is not None:
+            await self._deliveries.aclose()
+
+    async def close(self) -> None:
+        """Push out the last acks, then close the connection."""
+        if self._nc is None or self._nc.is_closed:
+            return
+        try:
+            await trio_asyncio.aio_as_trio(self._nc.flush)(2)
+        except Exception as exc:
+            log.warning("could not flush the last acks to NATS (%s); those messages will be redelivered", exc)
+        await trio_asyncio.aio_as_trio(self._nc.close)()
+
+    def health(self) -> dict[str, str]:
+        nc = self._nc
+        if nc is None:
+            connection = "connecting"
+        elif nc.is_connected:
+            connection = "connected"
+        elif nc.is_reconnecting:
+            connection = "reconnecting"
+        elif nc.is_closed:
+            connection = "closed"
+        else:
+            connection = "disconnected"
+        consumer = "subscribed" if (self.consumer_ok and self._sub is not None and not self._stopping) else "not subscribed"
+        return {"nats": connection, "consumer": consumer}
+
+    @property
+    def healthy(self) -> bool:
+        h = self.health()
+        return h["nats"] == "connected" and h["consumer"] == "subscribed"
+
+    async def _connect(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self._nc = await trio_asyncio.aio_as_trio(nats.connect)(
+                    self.settings.url,
+                    name="dcmstatus",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,  # the default gives up after ~2 minutes
+                    reconnect_time_wait=0.5,
+                    connect_timeout=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                )
+                self._js = self._nc.jetstream()
+                log.info("connected to NATS at %s", self.settings.url)
+                return
+            except Exception as exc:
+                log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", self.settings.url, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # ---- asyncio side ----------------------------------------------------
+
+    async def _ensure_stream(self) -> None:
+        s = self.settings
+        try:
+            info = await self._js.stream_info(s.stream)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(name=s.stream, subjects=[s.subjects], storage=StorageType.FILE)
+            log.info("created stream %s on %s", s.stream, s.subjects)
+            return
+        # An existing stream is used as it is: never reconfigure it destructively.
+        if s.subjects not in (info.config.subjects or []):
+            log.warning(
+                "stream %s exists with subjects %s, not %s; using it as it is",
+                s.stream, info.config.subjects, s.subjects,
+            )
+
+    def _consumer_config(self) -> ConsumerConfig:
+        s = self.settings
+        return ConsumerConfig(
+            durable_name=s.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=s.subjects,
+            ack_wait=s.ack_wait,
+            max_ack_pending=s.max_ack_pending,
+        )
+
+    async def _ensure_consumer(self) -> None:
+        s = self.settings
+        wanted = self._consumer_config()
+        try:
+            info = await self._js.consumer_info(s.stream, s.durable)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is None:
+            await self._js.add_consumer(s.stream, wanted)
+            log.info("created durable consumer %s on stream %s", s.durable, s.stream)
+        else:
+            have = info.config
+            if (have.ack_wait, have.max_ack_pending, have.filter_subject) != (
+                wanted.ack_wait, wanted.max_ack_pending, wanted.filter_subject,
+            ):
+                # js.subscribe would silently keep the old config; update it explicitly.
+                await self._js.add_consumer(s.stream, wanted)
+                log.info("updated durable consumer %s to the configured settings", s.durable)
+        self.consumer_ok = True
+
+    async def _check_consumer(self) -> None:
+        s = self.settings
+        try:
+            await self._js.consumer_info(s.stream, s.durable, timeout=2)
+            self.consumer_ok = True
+        except nats.js.errors.NotFoundError:
+            self.consumer_ok = False
+            log.warning("durable consumer %s was deleted on the server; recreating it", s.durable)
+            try:
+                await self._ensure_stream()
+                await self._ensure_consumer()
+                self._forget_requests()
+            except Exception as exc:
+                log.error("could not recreate consumer %s: %s", s.durable, exc)
+        except Exception as exc:  # timeouts while reconnecting: the next tick retries
+            log.debug("consumer check failed: %s", exc)
+
+    async def _subscribe(self) -> None:
+        self._inbox = self._nc.new_inbox()
+        # Credit bounds what can be pending here, so nats-py's slow-consumer
+        # limits (which drop messages) are never the ones that bite.
+        self._sub = await self._nc.subscribe(
+            self._inbox,
+            cb=self._on_message,
+            pending_msgs_limit=self.settings.max_in_flight * 2,
+            pending_bytes_limit=-1,
+        )
+        await self._refill()
+
+    async def _on_message(self, msg) -> None:
+        headers = msg.headers
+        if headers and "Status" in headers:
+            self._on_status(headers)
+            return
+        reply = msg.reply
+        tokens = reply.split(".")
+        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+            seq, ts = int(tokens[5]), int(tokens[7])
+        elif len(tokens) >= 11:  # with domain and account hash
+            seq, ts = int(tokens[7]), int(tokens[9])
+        else:
+            log.error("message on %s has an unexpected reply subject %r; leaving it unacked", msg.subject, reply)
+            return
+        self._in_flight += 1
+        requests = self._requests
+        if requests:
+            self._requested -= 1
+            head = requests[0]
+            head[0] -= 1
+            if head[0] <= 0:
+                requests.popleft()
+        self._deliveries.send_nowait(Delivery(msg.subject, headers, msg.data, seq, ts, reply))
+        if self._requested < self.settings.pull_batch:
+            await self._refill()
+
+    def _on_status(self, headers: dict[str, str]) -> None:
+        status = headers.get("Status")
+        if status in ("408", "409", "404"):
+            # The oldest request ended (expired, or the server refused it).
+            if self._requests:
+                remaining, _ = self._requests.popleft()
+                self._requested -= int(remaining)
+            if status == "409":
+                description = headers.get("Description", "")
+                log.info("pull request ended by the server: %s", description)
+                if "Deleted" in description:
+                    self.consumer_ok = False
+
+    async def _refill(self) -> None:
+        """Send pull requests while credit allows."""
+        if self._stopping or self._nc is None or not self._nc.is_connected:
+            return
+        s = self.settings
+        now = time.monotonic()
+        requests = self._requests
+        # Requests the server never answered (lost in a disconnect) expire here.
+        while requests and requests[0][1] < now:
+            remaining, _ = requests.popleft()
+            self._requested -= int(remaining)
+        self._metrics.in_flight.set(self._in_flight)
+        while self._in_flight + self._requested + s.pull_batch <= s.max_in_flight and len(requests) < 16:
+            body = _encode_json({"batch": s.pull_batch, "expires": int(s.pull_expires * 1e9)})
+            await self._nc.publish(self._next_subject, body, reply=self._inbox)
+            # A little slack past `expires` so a late 408 still finds its request.
+            requests.append([s.pull_batch, now + s.pull_expires + 1.0])
+            self._requested += s.pull_batch
+
+    async def _ack_and_refill(self, tokens: list[str]) -> None:
+        publish = self._nc.publish
+        try:
+            for token in tokens:
+                await publish(token, _ACK)
+        except Exception as exc:
+            # Not acked means redelivered after ack_wait; the ordering guard
+            # makes that harmless.
+            log.warning("could not send %d acks (%s); they will be redelivered", len(tokens), exc)
+        self._in_flight -= len(tokens)
+        await self._refill()
+
+    def _forget_requests(self) -> None:
+        self._requests.clear()
+        self._requested = 0
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS error: %s", exc)
+
+    async def _on_disconnected(self) -> None:
+        log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        self._metrics.nats_reconnects.inc()
+        log.info("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc.connected_url else "?")
+        # Pull requests do not survive a reconnect; messages delivered but not
+        # acked come back after ack_wait, so in-flight credit stays as it is.
+        self._forget_requests()
+        await self._refill()
+
+
+def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Log, never raise: inside trio-asyncio an unhandled asyncio error would tear
+    down the whole nursery (field notes)."""
+    exc = context.get("exception")
+    log.error("asyncio: %s", context.get("message"), exc_info=exc)
+
