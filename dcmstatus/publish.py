@@ -1,0 +1,85 @@
+"""`dcmstatus publish`: one status event, built with the official CloudEvents
+SDK and sent the way providers do (structured mode, subject dcm.<type>),
+through JetStream so the command can say the stream stored it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nats
+import nats.errors
+from cloudevents.core.formats.json import JSONFormat
+from cloudevents.core.v1.event import CloudEvent
+
+DEFAULT_SOURCE = "dcm/providers/dcmstatus-cli"
+
+
+class PublishError(Exception):
+    """A failure the user can act on; the message says how."""
+
+
+def build_event(
+    service_type: str,
+    instance_id: str,
+    status: str,
+    message: str | None = None,
+    source: str = DEFAULT_SOURCE,
+    time: datetime | None = None,
+) -> bytes:
+    """The structured-mode CloudEvent body a provider would publish."""
+    data: dict[str, str] = {"id": instance_id, "status": status}
+    if message is not None:
+        data["message"] = message
+    event = CloudEvent(
+        {
+            "id": str(uuid.uuid4()),
+            "source": source,
+            "type": f"dcm.status.{service_type}",
+            "subject": f"dcm.{service_type}",
+            "datacontenttype": "application/json",
+            "time": time or datetime.now(timezone.utc),
+        },
+        data,
+    )
+    return JSONFormat().write(event)
+
+
+def nats_url_from_runtime(data_dir: Path) -> str:
+    runtime = data_dir / "runtime.json"
+    try:
+        return json.loads(runtime.read_text())["nats_url"]
+    except FileNotFoundError:
+        raise PublishError(
+            f"no --nats-url given and {runtime} does not exist: start `dcmstatus serve` first "
+            "(it writes that file), or pass --nats-url"
+        ) from None
+    except (ValueError, KeyError) as exc:
+        raise PublishError(f"{runtime} is not a dcmstatus runtime file ({exc}); pass --nats-url") from None
+
+
+async def publish_event(nats_url: str, subject: str, body: bytes, timeout: float = 5.0) -> int:
+    """Publish through JetStream; return the stream sequence it was stored at."""
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=0, allow_reconnect=False)
+    except Exception as exc:
+        raise PublishError(f"cannot connect to NATS at {nats_url}: {exc}. Is the server running?") from None
+    try:
+        ack = await nc.jetstream(timeout=timeout).publish(subject, body)
+        return ack.seq
+    except nats.errors.NoRespondersError:
+        raise PublishError(
+            f"no JetStream stream stores {subject}: start `dcmstatus serve` once (it creates the stream)"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise PublishError(f"NATS at {nats_url} did not confirm the publish within {timeout:.0f}s") from None
+    finally:
+        await nc.close()
+
+
+def publish(nats_url: str, subject: str, body: bytes) -> int:
+    return asyncio.run(publish_event(nats_url, subject, body))
