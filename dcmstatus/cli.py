@@ -78,8 +78,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_url_and_data_dir(publish, "nats_url", "NATS URL; default: the running embedded server from <data-dir>/runtime.json")
     publish.set_defaults(run=_publish)
 
-    migrate = commands.add_parser("migrate", help="apply the database schema and exit")
-    _add_url_and_data_dir(migrate, "database_url", "PostgreSQL URL (required)")
+    migrate = commands.add_parser(
+        "migrate",
+        help="apply the database schema and exit",
+        description="Apply the forward-only schema migrations (serve also does this at start-up).",
+    )
+    _add_url_and_data_dir(
+        migrate,
+        "database_url",
+        "PostgreSQL URL; default: the running embedded server from <data-dir>/runtime.json, "
+        "else the embedded database under <data-dir>, started for the purpose",
+    )
     migrate.set_defaults(run=_migrate)
     return parser
 
@@ -159,17 +168,33 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    if not args.database_url:
-        raise _UsageError("--database-url (or DCMSTATUS_DATABASE_URL) is required")
     _setup_logging("INFO")
     from .db import migrate
 
+    url = args.database_url or _runtime_value(args.data_dir, "database_url")
     try:
-        applied = migrate(args.database_url)
+        if url:
+            applied = migrate(url)
+        else:
+            from .embedded import EmbeddedPostgres
+
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+            with EmbeddedPostgres(args.data_dir.resolve()) as postgres:
+                applied = migrate(postgres.url)
     except Exception as exc:
         raise _UsageError(f"migration failed: {exc}") from None
     print(f"applied {', '.join(applied)}" if applied else "schema is already current")
     return 0
+
+
+def _runtime_value(data_dir: Path, key: str) -> str | None:
+    """A URL of the running `serve` on this data dir, if there is one."""
+    import json
+
+    try:
+        return json.loads((data_dir / "runtime.json").read_text())[key]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 if __name__ == "__main__":

@@ -58,3 +58,15 @@ class Metrics:
         self.nats_reconnects = Counter(
             "dcmstatus_nats_reconnects_total", "Reconnections to the NATS server", registry=r
         )
+
+    def totals(self) -> dict[str, int]:
+        """Event counts so far, for the summary line logged on exit."""
+        get = self.registry.get_sample_value
+        rejected = sum(get("dcmstatus_events_rejected_total", {"reason": r}) or 0 for r in REJECTION_REASONS)
+        return {
+            "received": int(get("dcmstatus_events_received_total") or 0),
+            "applied": int(get("dcmstatus_events_applied_total") or 0),
+            "noop": int(get("dcmstatus_events_noop_total") or 0),
+            "unknown": int(get("dcmstatus_events_unknown_instance_total") or 0),
+            "rejected": int(rejected),
+        }

@@ -71,6 +71,7 @@ class JetStreamSource:
         self._requests: deque[list[float]] = deque()  # [remaining, expires_at] per pull request
         self._requested = 0
         self._stopping = False
+        self._received = 0
         self.consumer_ok = False
 
     # ---- trio side -------------------------------------------------------
@@ -103,8 +104,16 @@ class JetStreamSource:
         await trio_asyncio.aio_as_trio(self._ack_and_refill)(tokens)
 
     async def stop_intake(self) -> None:
-        """Stop pulling; deliver what nats-py already holds; close the channel."""
+        """Stop pulling; take in what is already on its way; close the channel."""
         self._stopping = True
+        # Messages the server sends for our open pull requests after we
+        # unsubscribe would wait out ack_wait before redelivery, so while they
+        # keep coming (a backlog) take them in; an idle stream sends nothing more.
+        deadline = trio.current_time() + self.settings.pull_expires
+        seen = -1
+        while self._requested > 0 and self._received != seen and trio.current_time() < deadline:
+            seen = self._received
+            await trio.sleep(0.05)
         if self._sub is not None:
             try:
                 await trio_asyncio.aio_as_trio(self._sub.drain)()
@@ -258,6 +267,7 @@ class JetStreamSource:
             log.error("message on %s has an unexpected reply subject %r; leaving it unacked", msg.subject, reply)
             return
         self._in_flight += 1
+        self._received += 1
         requests = self._requests
         if requests:
             self._requested -= 1
@@ -321,7 +331,8 @@ class JetStreamSource:
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._stopping:  # our own close() disconnects too
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()

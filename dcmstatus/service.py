@@ -1,0 +1,219 @@
+"""The supervisor of `dcmstatus serve`: owns the one trio nursery, the start-up
+order and the shutdown.
+
+Start-up: (embedded servers) → database migrations → HTTP server → NATS
+stream and consumer → consuming. Each long-running task reports readiness
+through `task_status`, so nothing starts before what it depends on.
+
+Shutdown, on SIGTERM/SIGINT, within `grace_period`: stop pulling, flush the
+last batch, commit, ack, flush the acks, close NATS; then stop HTTP and the
+embedded servers. Whatever is not acked by the deadline is left to NATS to
+redeliver, which the ordering guard makes harmless.
+"""
+
+# trio_asyncio first: it patches asyncio before psycopg binds to it (field notes).
+import trio_asyncio  # isort: skip
+
+import json
+import logging
+import signal
+from contextlib import AsyncExitStack
+from functools import partial
+from pathlib import Path
+
+import psycopg_pool
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .catalog import Catalog
+from .config import ServeConfig
+from .db import migrate
+from .decoding import Decoder
+from .http_api import make_app
+from .instances import InstanceStore
+from .metrics import Metrics
+from .nats_source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from .pipeline import Delivery, Pipeline, PipelineSettings
+from .store import StatusStore
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """One running dcmstatus: its parts, and the health view over them."""
+
+    def __init__(self, config: ServeConfig, nats_url: str, database_url: str, catalog: Catalog) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self.database_url = database_url
+        self.catalog = catalog
+        self.metrics = Metrics()
+        self.source = JetStreamSource(
+            NatsSettings(
+                url=nats_url,
+                stream=config.stream,
+                subjects=config.subjects,
+                durable=config.durable,
+                ack_wait=config.ack_wait,
+                max_ack_pending=max(config.max_in_flight * 2, 1000),
+                max_in_flight=config.max_in_flight,
+                pull_batch=max(1, min(500, config.max_in_flight // 4)),
+            ),
+            self.metrics,
+        )
+        self.writer_stores = [
+            StatusStore(database_url, dead_letter_limit=config.dead_letter_limit) for _ in range(config.writers)
+        ]
+        decoder = Decoder(catalog, max_event_bytes=config.max_event_bytes)
+        self.pipeline = Pipeline(
+            decoder.decode,
+            self.source,
+            self.writer_stores,
+            self.metrics,
+            PipelineSettings(
+                max_batch=config.batch_size,
+                max_delay=config.batch_delay_ms / 1000,
+                writers=config.writers,
+            ),
+        )
+        self.api_pool = psycopg_pool.ConnectionPool(
+            database_url, min_size=1, max_size=4, open=False, kwargs={"application_name": "dcmstatus-api"}
+        )
+        self.instances = InstanceStore(self.api_pool)
+        self.http_url = ""
+
+    async def health(self) -> tuple[bool, dict]:
+        try:
+            with trio.fail_after(2):
+                await self.instances.ping()
+            database = "reachable"
+        except Exception:
+            database = "unreachable"
+        components = {"database": database, **self.source.health()}
+        if not self.pipeline.store_healthy:
+            components["writes"] = "failing"
+        ok = database == "reachable" and self.source.healthy and self.pipeline.store_healthy
+        return ok, components
+
+    async def run(self, *, stopped: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `stopped` is set, then drain within the grace period."""
+        config = self.config
+        await trio.to_thread.run_sync(self.api_pool.open)
+        try:
+            async with trio.open_nursery() as nursery:
+                http_stop = trio.Event()
+                app = make_app(self.instances, set(self.catalog.service_types()), self.health, self.metrics.registry)
+                hconfig = HypercornConfig()
+                hconfig.bind = [f"{config.http_host}:{config.http_port}"]
+                hconfig.accesslog = None
+                # Through our logging set-up, not a second handler of hypercorn's own.
+                hconfig.errorlog = logging.getLogger("hypercorn.error")
+                hconfig.graceful_timeout = 2
+                binds = await nursery.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
+                self.http_url = binds[0] if binds else f"http://{config.http_host}:{config.http_port}"
+
+                send, receive = trio.open_memory_channel[Delivery](float("inf"))
+                await nursery.start(self.pipeline.run, receive)
+                await nursery.start(self.source.run, send)
+                task_status.started()
+
+                await stopped.wait()
+                log.info("stopping: finishing in-flight work (grace period %.0fs)", config.grace_period)
+                with trio.move_on_after(config.grace_period) as grace:
+                    await self.source.stop_intake()
+                    await self.pipeline.drained.wait()
+                    await self.source.close()
+                if grace.cancelled_caught:
+                    log.warning(
+                        "grace period over with work in flight; unacknowledged messages will be redelivered"
+                    )
+                log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in self.metrics.totals().items()))
+                http_stop.set()
+                nursery.cancel_scope.deadline = trio.current_time() + 3
+        finally:
+            await trio.to_thread.run_sync(self.api_pool.close)
+            for store in self.writer_stores:
+                store.close()
+
+
+async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
+    """`dcmstatus serve`: returns the exit code."""
+    catalog = catalog or Catalog.default()
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(asyncio_exception_handler)
+        async with AsyncExitStack() as stack:
+            nats_url, database_url = config.nats_url, config.database_url
+            if config.embedded:
+                nats_url, database_url = await _start_embedded(config, stack)
+            log.info("applying database migrations")
+            applied = await trio.to_thread.run_sync(migrate, database_url)
+            log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
+
+            service = Service(config, nats_url, database_url, catalog)
+            stopped = trio.Event()
+            # runtime.json describes a running service: it goes when we go.
+            stack.callback((Path(config.data_dir) / "runtime.json").unlink, missing_ok=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_wait_for_signal, stopped)
+                await nursery.start(partial(service.run, stopped=stopped))
+                _announce(config, service)
+                # run() returns after the drain; the signal watcher goes with it.
+                await stopped.wait()
+    return 0
+
+
+async def _wait_for_signal(stopped: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s", signal.Signals(signum).name)
+            stopped.set()
+            return
+
+
+async def _start_embedded(config: ServeConfig, stack: AsyncExitStack) -> tuple[str, str]:
+    from .embedded import EmbeddedNats, EmbeddedPostgres
+
+    data_dir = config.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log.info("starting embedded nats-server and PostgreSQL under %s", data_dir)
+    nats_server = EmbeddedNats(data_dir, port=config.nats_port)
+    postgres = EmbeddedPostgres(data_dir)
+    # Stop callbacks are registered before start, so a failed start still cleans up.
+    stack.push_async_callback(trio.to_thread.run_sync, nats_server.stop)
+    stack.push_async_callback(trio.to_thread.run_sync, postgres.stop)
+    nats_url, database_url = await _gather_sync(nats_server.start, postgres.start)
+    return nats_url, database_url
+
+
+async def _gather_sync(*functions):
+    """Run blocking start-ups side by side in threads; return their results in order."""
+    results = [None] * len(functions)
+
+    async def one(index, function):
+        results[index] = await trio.to_thread.run_sync(function)
+
+    async with trio.open_nursery() as nursery:
+        for index, function in enumerate(functions):
+            nursery.start_soon(one, index, function)
+    return results
+
+
+def _announce(config: ServeConfig, service: Service) -> None:
+    runtime = {"http_url": service.http_url, "nats_url": service.nats_url, "database_url": service.database_url}
+    data_dir = Path(config.data_dir)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+    except OSError as exc:
+        log.warning("could not write %s/runtime.json: %s", data_dir, exc)
+    print(
+        f"dcmstatus is running\n"
+        f"  HTTP API   {service.http_url}/api/v1/service-type-instances\n"
+        f"  health     {service.http_url}/api/v1/health   metrics {service.http_url}/metrics\n"
+        f"  publish to {service.nats_url}  subjects {config.subjects} (stream {config.stream})\n"
+        f"  database   {config.redacted()['database_url'] if config.database_url else service.database_url}\n"
+        f"  runtime    {data_dir / 'runtime.json'}\n"
+        f"Stop with Ctrl-C (SIGINT) or SIGTERM.",
+        flush=True,
+    )
