@@ -43,6 +43,22 @@ class WriteBatch(Generic[Token]):
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @classmethod
+    def of_rejections(cls, shard: int, rejections: list[Rejection]) -> WriteBatch[Token]:
+        return cls(shard, [], rejections, [], 0)
+
+    def halves(self) -> tuple[WriteBatch[Token], WriteBatch[Token]]:
+        """Two batches holding this one's events, to isolate one the store refuses.
+        Tokens stay with the caller: a message is acked when its whole batch is resolved."""
+        events: list[StatusUpdate | Rejection] = [*self.updates, *self.rejections]
+        middle = len(events) // 2
+        parts = []
+        for part, superseded in ((events[:middle], self.superseded), (events[middle:], 0)):
+            updates = [e for e in part if type(e) is StatusUpdate]
+            rejections = [e for e in part if type(e) is not StatusUpdate]
+            parts.append(WriteBatch(self.shard, updates, rejections, [], superseded))  # type: ignore[arg-type]
+        return parts[0], parts[1]
+
     def rejection_counts(self) -> Counter[str]:
         return Counter(r.reason for r in self.rejections)
 

@@ -78,3 +78,12 @@ class BatchResult(msgspec.Struct, frozen=True):
     applied: int
     stale: int  # newer-or-equal event already stored: replay, duplicate, late
     unknown: tuple[str, ...]  # instance ids with no row of that service type
+
+    def __add__(self, other: BatchResult) -> BatchResult:
+        return BatchResult(self.applied + other.applied, self.stale + other.stale, self.unknown + other.unknown)
+
+
+class BatchRefused(Exception):
+    """The store will never commit this batch as it is: something in it is
+    refused (a value a column rejects, a trigger's veto). Retrying the same
+    batch cannot help; isolating the event at fault can."""

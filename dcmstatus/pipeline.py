@@ -28,7 +28,7 @@ import trio
 
 from .batching import BatchBuilder, WriteBatch
 from .metrics import Metrics
-from .model import BatchResult, Decision, Rejection, StatusUpdate
+from .model import DEAD_LETTER_BODY_BYTES, INVALID_DATA, BatchRefused, BatchResult, Decision, Rejection, StatusUpdate
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class PipelineSettings(msgspec.Struct, frozen=True):
     writers: int = 2
     retry_initial: float = 0.1  # first back-off after a failed commit
     retry_max: float = 5.0
+    poison_attempts: int = 3  # tries of a lone refused event before it is dead-lettered
 
 
 class Pipeline:
@@ -154,7 +155,7 @@ class Pipeline:
         metrics = self._metrics
         async with batches:
             async for batch in batches:
-                result = await self._commit(store, batch)
+                result, dead_lettered = await self._commit(store, batch)
                 await self._source.ack(batch.tokens)
                 metrics.batch_size.observe(len(batch))
                 metrics.events_applied.inc(result.applied)
@@ -165,14 +166,69 @@ class Pipeline:
                         log.warning("status event for unknown instance %s ignored", instance_id)
                 for reason, count in batch.rejection_counts().items():
                     metrics.events_rejected.labels(reason).inc(count)
+                for rejection in dead_lettered:
+                    metrics.events_rejected.labels(rejection.reason).inc()
 
-    async def _commit(self, store: Store, batch: WriteBatch) -> BatchResult:
-        """Apply until it commits: nothing is acked, so nothing is lost, meanwhile."""
+    async def _commit(self, store: Store, batch: WriteBatch) -> tuple[BatchResult, list[Rejection]]:
+        """Commit `batch`, isolating any event the store refuses.
+
+        Returns what was applied and the events turned into dead letters on
+        the way, so a poison event costs a few splits, never a stalled
+        consumer or an endless redelivery loop."""
+        try:
+            return await self._apply(store, batch), []
+        except BatchRefused as refusal:
+            if len(batch.updates) + len(batch.rejections) > 1:
+                log.warning("%r refused (%s); splitting it to isolate the event at fault", batch, refusal)
+                first, second = batch.halves()
+                result_1, dead_1 = await self._commit(store, first)
+                result_2, dead_2 = await self._commit(store, second)
+                return result_1 + result_2, dead_1 + dead_2
+            if batch.rejections:
+                log.error("the database refuses the dead letter %r (%s); dropping it", batch.rejections[0], refusal)
+                return _NOTHING, []
+            return await self._dead_letter(store, batch.updates[0], refusal)
+
+    async def _dead_letter(
+        self, store: Store, update: StatusUpdate, refusal: BatchRefused
+    ) -> tuple[BatchResult, list[Rejection]]:
+        # A refusal can be passing (a trigger that changes its mind): a few
+        # spaced attempts before the event is given up.
+        delay = self._settings.retry_initial
+        for _ in range(self._settings.poison_attempts - 1):
+            await trio.sleep(delay)
+            delay = min(delay * 2, self._settings.retry_max)
+            single = WriteBatch(0, [update], [], [], 0)
+            try:
+                return await self._apply(store, single), []
+            except BatchRefused as again:
+                refusal = again
+        poison = Rejection(
+            INVALID_DATA,
+            f"the database refused it: {refusal}",
+            f"dcm.{update.service_type}",
+            update.stream_seq,
+            None,
+            _encode_json(update)[:DEAD_LETTER_BODY_BYTES],
+            update.service_type,
+            update.instance_id,
+        )
+        log.warning(
+            "event dead-lettered: reason=%s service_type=%s instance_id=%s seq=%d: %s",
+            poison.reason, update.service_type, update.instance_id, update.stream_seq, poison.detail,
+        )
+        await self._commit(store, WriteBatch.of_rejections(0, [poison]))
+        return _NOTHING, [poison]
+
+    async def _apply(self, store: Store, batch: WriteBatch) -> BatchResult:
+        """Apply until it commits or is refused: nothing is acked meanwhile, so nothing is lost."""
         delay = self._settings.retry_initial
         while True:
             started = trio.current_time()
             try:
                 result = await store.apply(batch)
+            except BatchRefused:
+                raise
             except Exception as exc:  # the store's errors are many; all mean "not committed"
                 self._metrics.db_errors.inc()
                 self.store_healthy = False
@@ -185,6 +241,10 @@ class Pipeline:
                 log.info("database writes succeed again")
                 self.store_healthy = True
             return result
+
+
+_NOTHING = BatchResult(0, 0, ())
+_encode_json = msgspec.json.Encoder().encode
 
 
 def _log_rejection(rejection: Rejection) -> None:

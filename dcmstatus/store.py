@@ -15,10 +15,11 @@ from functools import partial
 
 import msgspec
 import psycopg
+import psycopg.errors
 import trio
 
 from .batching import WriteBatch
-from .model import BatchResult
+from .model import BatchRefused, BatchResult
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ _PRUNE_REJECTIONS = "DELETE FROM rejected_events WHERE id <= (SELECT max(id) FRO
 
 _json = msgspec.json.Encoder()
 
+# Errors that say "this data", not "this database": a value a column refuses,
+# a constraint, a trigger's RAISE. (A failed dump of a Python value is a
+# ValueError.) Connection loss, deadlocks, timeouts and schema problems are
+# OperationalError/ProgrammingError: retried as they are, never blamed on an event.
+_REFUSALS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.RaiseException, ValueError)
+
 
 class StatusStore:
     """Applies write batches to PostgreSQL; one connection, used by one writer."""
@@ -92,6 +99,9 @@ class StatusStore:
                     applied, unknown = self._apply_updates(conn, batch)
                 if batch.rejections:
                     self._record_rejections(conn, batch)
+        except _REFUSALS as exc:
+            # The content is at fault, not the database: the pipeline isolates the event.
+            raise BatchRefused(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
         except psycopg.Error:
             if conn.broken or conn.closed:
                 self._conn = None

@@ -12,7 +12,7 @@ import trio.testing
 
 from dcmstatus.batching import WriteBatch
 from dcmstatus.metrics import Metrics
-from dcmstatus.model import BatchResult, Rejection, StatusUpdate
+from dcmstatus.model import BatchRefused, BatchResult, Rejection, StatusUpdate
 from dcmstatus.pipeline import Delivery, Pipeline, PipelineSettings
 
 EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -35,9 +35,10 @@ def fake_decode(subject, headers, body, seq, time_ns):
 class FakeStore:
     """Commits after `delay`; fails the first `failures` attempts."""
 
-    def __init__(self, delay: float = 0.0, failures: int = 0) -> None:
+    def __init__(self, delay: float = 0.0, failures: int = 0, refuse: str | None = None) -> None:
         self.delay = delay
         self.failures = failures
+        self.refuse = refuse  # an instance id whose updates the "database" refuses
         self.attempts = 0
         self.committed: list[tuple[float, WriteBatch]] = []
         self.rows: dict[str, tuple[datetime, int, str]] = {}
@@ -48,6 +49,8 @@ class FakeStore:
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("database went away")
+        if any(u.instance_id == self.refuse for u in batch.updates):
+            raise BatchRefused("trigger says no")
         applied = 0
         for u in batch.updates:
             current = self.rows.get(u.instance_id)
@@ -57,21 +60,28 @@ class FakeStore:
         self.committed.append((trio.current_time(), batch))
         return BatchResult(applied, len(batch.updates) - applied + batch.superseded, ())
 
-    def committed_tokens(self) -> set:
-        return {t for _, b in self.committed for t in b.tokens}
+    def holds_effect_of(self, seq: int, body: bytes) -> bool:
+        """Whether message `seq` is durable: its instance row is written (by it
+        or a newer event), or it is recorded as a rejection."""
+        decision = fake_decode("dcm.vm", None, body, seq, 0)
+        rejected = {(r.stream_seq, r.instance_id) for _, b in self.committed for r in b.rejections}
+        if type(decision) is Rejection:
+            return (seq, None) in rejected
+        return decision.instance_id in self.rows or any(i == decision.instance_id for _, i in rejected)
 
 
 class FakeSource:
-    """Records acks, and checks each one follows the commit of its message."""
+    """Records acks, and checks each one follows the commit of its message's effect."""
 
     def __init__(self, stores: list[FakeStore]) -> None:
         self.stores = stores
+        self.bodies: dict[str, tuple[int, bytes]] = {}
         self.acked: list[tuple[float, object]] = []
 
     async def ack(self, tokens):
-        committed = set().union(*(s.committed_tokens() for s in self.stores))
         for token in tokens:
-            assert token in committed, f"{token} acked before its commit"
+            seq, body = self.bodies[token]
+            assert any(s.holds_effect_of(seq, body) for s in self.stores), f"{token} acked before its commit"
             self.acked.append((trio.current_time(), token))
 
     def acked_tokens(self) -> list:
@@ -82,11 +92,26 @@ def delivery(seq: int, body: bytes) -> Delivery:
     return Delivery("dcm.vm", None, body, seq, 0, f"ack-{seq}")
 
 
+class Deliveries:
+    """The send side of the delivery channel, telling the fake source each message's body."""
+
+    def __init__(self, send, source: FakeSource) -> None:
+        self._send = send
+        self._source = source
+
+    def send_nowait(self, d: Delivery) -> None:
+        self._source.bodies[d.token] = (d.stream_seq, d.body)
+        self._send.send_nowait(d)
+
+    async def aclose(self) -> None:
+        await self._send.aclose()
+
+
 def make(settings: PipelineSettings, stores: list[FakeStore]):
     source = FakeSource(stores)
     pipeline = Pipeline(fake_decode, source, stores, Metrics(), settings)
     send, receive = trio.open_memory_channel[Delivery](float("inf"))
-    return pipeline, source, send, receive
+    return pipeline, source, Deliveries(send, source), receive
 
 
 async def test_flushes_on_size_then_on_timer(autojump_clock):
@@ -232,3 +257,37 @@ async def test_grace_deadline_cancels_a_hung_store(autojump_clock):
         assert grace.cancelled_caught
         nursery.cancel_scope.cancel()
     assert source.acked == []  # never committed, so never acked: NATS redelivers it
+
+
+async def test_a_poison_event_is_isolated_and_dead_lettered_and_the_rest_commits(autojump_clock):
+    store = FakeStore(refuse="poison")
+    settings = PipelineSettings(max_batch=100, max_delay=0.1, writers=1, retry_initial=0.1, poison_attempts=3)
+    pipeline, source, send, receive = make(settings, [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        for seq in range(1, 41):
+            send.send_nowait(delivery(seq, f"i{seq}:RUNNING:1".encode()))
+        send.send_nowait(delivery(41, b"poison:RUNNING:1"))
+        send.send_nowait(delivery(42, b"after:RUNNING:1"))
+        await send.aclose()
+    assert set(store.rows) == {f"i{s}" for s in range(1, 41)} | {"after"}
+    [dead] = [r for _, b in store.committed for r in b.rejections]
+    assert (dead.reason, dead.instance_id, dead.stream_seq) == ("invalid_data", "poison", 41)
+    assert "trigger says no" in dead.detail
+    # Every message acked once, the poison included: no redelivery loop.
+    assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 43))
+    registry = pipeline._metrics.registry
+    assert registry.get_sample_value("dcmstatus_events_rejected_total", {"reason": "invalid_data"}) == 1
+    assert registry.get_sample_value("dcmstatus_events_applied_total") == 41
+
+
+async def test_transient_errors_never_dead_letter(autojump_clock):
+    store = FakeStore(failures=20)
+    settings = PipelineSettings(max_batch=10, max_delay=0.1, writers=1, retry_initial=0.1, retry_max=0.2)
+    pipeline, source, send, receive = make(settings, [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        send.send_nowait(delivery(1, b"a:RUNNING:1"))
+        await send.aclose()
+    assert store.rows["a"][2] == "RUNNING"
+    assert not [r for _, b in store.committed for r in b.rejections]
