@@ -37,7 +37,7 @@ from .pipeline import Delivery
 
 log = logging.getLogger(__name__)
 
-_ACK = b"+ACK"
+_ACK_TAIL = b" 4\r\n+ACK\r\n"  # the rest of "PUB <reply> 4\r\n+ACK\r\n"
 _encode_json = msgspec.json.Encoder().encode
 
 
@@ -312,10 +312,16 @@ class JetStreamSource:
             self._requested += s.pull_batch
 
     async def _ack_and_refill(self, tokens: list[str]) -> None:
-        publish = self._nc.publish
+        nc = self._nc
         try:
-            for token in tokens:
-                await publish(token, _ACK)
+            if nc.is_closed:
+                raise nats.errors.ConnectionClosedError
+            # One buffer write for the whole batch: publish() per ack costs
+            # ~20% of the consume path (subject checks, three buffer appends).
+            # During a reconnect the bytes wait in the pending buffer, as
+            # publish() would leave them.
+            await nc._send_command(b"".join([b"PUB " + t.encode() + _ACK_TAIL for t in tokens]))
+            await nc._flush_pending()
         except Exception as exc:
             # Not acked means redelivered after ack_wait; the ordering guard
             # makes that harmless.
