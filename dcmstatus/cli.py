@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     _add_url_and_data_dir(publish, "nats_url", "NATS URL; default: the running embedded server from <data-dir>/runtime.json")
     publish.set_defaults(run=_publish)
 
+    bench = commands.add_parser(
+        "bench",
+        help="measure throughput, latency and memory against the limits of this machine",
+        description="Run the benchmark (see scripts/bench.py): backlog drain, consume-only and write-only "
+        "ceilings, the one-UPDATE-per-event reference design, latency at a fixed rate, peak memory, "
+        "and what a duplicate costs; prints a table (or --json). Starts its own servers unless given URLs.",
+    )
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(run=_bench)
+
     migrate = commands.add_parser(
         "migrate",
         help="apply the database schema and exit",
@@ -165,6 +177,13 @@ def _publish(args: argparse.Namespace) -> int:
         raise _UsageError(exc) from None
     print(f"published {args.status} for {args.service_type} instance {args.instance} on {subject} (stream sequence {seq})")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    from .bench import run
+
+    return run(args)
 
 
 def _migrate(args: argparse.Namespace) -> int:
