@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
+from importlib.resources import files
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from .instances import Instance, InstanceExists, InstanceStore, InvalidInput, RejectedEvent
 from .model import REJECTION_REASONS
 
-__all__ = ["MAX_BODY_BYTES", "make_app"]
+__all__ = ["MAX_BODY_BYTES", "OPENAPI_DOCUMENT", "make_app"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,13 @@ _MAX_TOKEN_CHARS = 1024
 # tokens, hence a fixed default rather than a random per-process one.
 _DEFAULT_TOKEN_KEY = b"dcmstatus/page-token/v1"
 _MAC_BYTES = 16
+
+# The OpenAPI 3 document describing every route here, kept in the repository
+# and served as it is (tests check the live API against it).
+OPENAPI_DOCUMENT: bytes = files(__package__).joinpath("openapi.json").read_bytes()
+# Routes a client may call without the API token: liveness probes and
+# Prometheus scrapers carry no credentials and these expose no instance data.
+_OPEN_ROUTES = (["api", "v1", "health"], ["metrics"])
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -224,7 +232,7 @@ def _json(status: int, value: Any, headers: tuple[tuple[str, str], ...] = ()) ->
 
 
 def _page_size(value: str | None) -> int:
-    if value is None or value == "":
+    if value is None:
         return DEFAULT_PAGE_SIZE
     if not _PAGE_SIZE_RE.fullmatch(value) or not 1 <= int(value) <= MAX_PAGE_SIZE:
         raise HTTPProblem(400, f"max_page_size must be an integer from 1 to {MAX_PAGE_SIZE}")
@@ -279,7 +287,9 @@ class _Api:
         health: HealthCheck,
         registry: CollectorRegistry,
         page_token_key: bytes,
+        api_token: str | None = None,
     ) -> None:
+        self._api_token = None if not api_token else api_token.encode("utf-8")
         self._store = store
         self._service_types = service_types
         self._health_check = health
@@ -323,10 +333,43 @@ class _Api:
                 return {"GET": self._get, "DELETE": self._delete}, (instance_id,)
             case ["api", "v1", "rejected-events"]:
                 return {"GET": self._rejected}, ()
+            case ["api", "v1", "openapi.json"]:
+                return {"GET": self._openapi}, ()
         return None
+
+    def _authorize(self, request: Request, segments: list[str] | None) -> None:
+        """With an API token set, every /api/v1 path but health needs it.
+
+        Checked before routing, so without the token even a 404 or 405 says
+        nothing about what exists.
+        """
+        if self._api_token is None or segments in _OPEN_ROUTES:
+            return
+        if segments is not None and segments[:1] != ["api"]:
+            return  # not under /api: nothing there but /metrics and 404s
+        header = (request.header(b"authorization") or b"").strip()
+        challenge = 'Bearer realm="dcmstatus"'
+        if not header:
+            raise HTTPProblem(
+                401,
+                "this API needs a bearer token: send 'Authorization: Bearer <token>'",
+                (("www-authenticate", challenge),),
+            )
+        scheme, _, credentials = header.partition(b" ")
+        # compare_digest on equal-type bytes: the time taken says nothing
+        # about how much of the token was right.
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            credentials.strip(), self._api_token
+        ):
+            raise HTTPProblem(
+                401,
+                "the bearer token is wrong",
+                (("www-authenticate", challenge + ', error="invalid_token"'),),
+            )
 
     async def _dispatch(self, request: Request) -> Response:
         segments = request.path_segments()
+        self._authorize(request, segments)
         route = None if segments is None else self._route(segments)
         if route is None:
             raise HTTPProblem(404, f"no resource at {request.path}")
@@ -467,6 +510,10 @@ class _Api:
         body = Health("ok" if ok else "unavailable", components)
         return _json(200 if ok else 503, body, (("cache-control", "no-store"),))
 
+    async def _openapi(self, request: Request) -> Response:
+        request.query(())
+        return Response(200, OPENAPI_DOCUMENT, "application/json")
+
     async def _metrics(self, request: Request) -> Response:
         return Response(200, generate_latest(self._registry), CONTENT_TYPE_LATEST)
 
@@ -500,15 +547,18 @@ def make_app(
     metrics_registry: CollectorRegistry,
     *,
     page_token_key: bytes = _DEFAULT_TOKEN_KEY,
+    api_token: str | None = None,
 ) -> ASGIApp:
     """The ASGI application serving /api/v1 and /metrics.
 
     `catalog_service_types` is asked on every create, so a catalog reloaded
     at run time is honoured. `health` returns (ok, {component: state}).
+    With `api_token`, every /api/v1 route except health requires
+    `Authorization: Bearer <api_token>` (401 otherwise); /metrics stays open.
     """
     if callable(catalog_service_types):
         service_types = catalog_service_types
     else:
         fixed = frozenset(catalog_service_types)
         service_types = lambda: fixed  # noqa: E731
-    return _Api(store, service_types, health, metrics_registry, page_token_key)
+    return _Api(store, service_types, health, metrics_registry, page_token_key, api_token)

@@ -10,150 +10,21 @@ import http.client
 import json
 import socket
 import uuid
-from dataclasses import dataclass, field
-from datetime import datetime
-from functools import partial
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
-import psycopg
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
-from psycopg_pool import ConnectionPool
 
-from dcmstatus.db import migrate
-from dcmstatus.http_api import MAX_BODY_BYTES, make_app
-from dcmstatus.instances import InstanceStore
-from dcmstatus.metrics import Metrics
+from dcmstatus.http_api import MAX_BODY_BYTES
 
-BASE = "/api/v1/service-type-instances"
-SERVICE_TYPES = {"vm", "container", "network"}
-
-# --- harness -----------------------------------------------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-@dataclass
-class HealthSwitch:
-    """A health check the test controls."""
-
-    ok: bool = True
-    fail: bool = False
-    components: dict[str, str] = field(
-        default_factory=lambda: {"database": "ok", "consumer": "subscribed"}
-    )
-
-    async def __call__(self) -> tuple[bool, dict[str, str]]:
-        if self.fail:
-            raise RuntimeError("health check blew up")
-        return self.ok, dict(self.components)
-
-
-@dataclass
-class Api:
-    host: str
-    port: int
-    database_url: str
-    pool: ConnectionPool
-    health: HealthSwitch
-    metrics: Metrics
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        headers: dict[str, str] | None = None,
-        *,
-        json_body: Any = None,
-    ) -> Reply:
-        if json_body is not None:
-            body = json.dumps(json_body).encode()
-        return await trio.to_thread.run_sync(self._request, method, path, body, headers or {})
-
-    def _request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> Reply:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            conn.request(method, path, body=body, headers=headers)
-            response = conn.getresponse()
-            return Reply(
-                response.status,
-                {k.lower(): v for k, v in response.getheaders()},
-                response.read(),
-            )
-        finally:
-            conn.close()
-
-    async def create(self, id: str | None = None, **fields: Any) -> dict[str, Any]:
-        body = {"service_type": "vm", "spec": {}, **fields}
-        path = BASE if id is None else f"{BASE}?id={id}"
-        reply = await self.request("POST", path, json_body=body)
-        assert reply.status == 201, reply.body
-        return reply.json()
-
-    async def sql(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        def run() -> list[tuple[Any, ...]]:
-            with psycopg.connect(self.database_url, autocommit=True) as conn:
-                cur = conn.execute(query, params)
-                return cur.fetchall() if cur.description else []
-
-        return await trio.to_thread.run_sync(run)
-
-    async def list_ids(self, query: dict[str, Any]) -> tuple[list[str], str | None]:
-        reply = await self.request("GET", f"{BASE}?{urlencode(query)}")
-        assert reply.status == 200, reply.body
-        page = reply.json()
-        return [i["id"] for i in page["instances"]], page.get("next_page_token")
+from http_harness import BASE, Api, Reply, assert_problem, rfc3339, serve_api
 
 
 @pytest.fixture
 async def api(database_url):
-    await trio.to_thread.run_sync(migrate, database_url)
-    pool = ConnectionPool(database_url, min_size=1, max_size=4, open=False)
-    await trio.to_thread.run_sync(partial(pool.open, wait=True))
-    health = HealthSwitch()
-    metrics = Metrics()
-    app = make_app(InstanceStore(pool), SERVICE_TYPES, health, metrics.registry)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.graceful_timeout = 1
-    shutdown = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
-            address = urlsplit(binds[0])
-            yield Api(address.hostname, address.port, database_url, pool, health, metrics)
-            shutdown.set()
-    finally:
-        await trio.to_thread.run_sync(pool.close)
-
-
-def assert_problem(reply: Reply, status: int) -> dict[str, Any]:
-    assert reply.status == status, reply.body
-    assert reply.headers["content-type"] == "application/problem+json"
-    problem = reply.json()
-    assert set(problem) == {"type", "title", "status", "detail"}
-    assert problem["status"] == status
-    assert problem["detail"]
-    return problem
-
-
-def rfc3339(value: str) -> datetime:
-    assert value.endswith("Z"), value
-    parsed = datetime.fromisoformat(value)
-    assert parsed.tzinfo is not None
-    return parsed
+    async with serve_api(database_url) as api:
+        yield api
 
 
 # --- create, get, delete -----------------------------------------------------
@@ -428,7 +299,7 @@ async def test_list_page_size_default_and_bounds(api):
     ids, token = await api.list_ids({"max_page_size": 100, "page_token": token})
     assert len(ids) == 20 and token is None
 
-    for bad in ("0", "101", "-1", "abc", "1.5", " 5", "+5", "１", "99999999999999999999"):
+    for bad in ("", "0", "101", "-1", "abc", "1.5", " 5", "+5", "１", "99999999999999999999"):
         reply = await api.request("GET", f"{BASE}?{urlencode({'max_page_size': bad})}")
         assert_problem(reply, 400)
 
@@ -674,3 +545,61 @@ async def test_rejected_events_pagination(api):
 
     reply = await api.request("GET", "/api/v1/rejected-events?max_page_size=0")
     assert_problem(reply, 400)
+
+
+# --- bearer token ------------------------------------------------------------
+
+
+@pytest.fixture
+async def secured(database_url):
+    async with serve_api(database_url, api_token="tok-3n") as api:
+        yield api
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", BASE),
+        ("POST", BASE),
+        ("GET", f"{BASE}/x"),
+        ("DELETE", f"{BASE}/x"),
+        ("GET", "/api/v1/rejected-events"),
+        ("GET", "/api/v1/openapi.json"),
+        # Without the token, nothing tells which paths or methods exist.
+        ("GET", "/api/v1/nothing-here"),
+        ("PUT", BASE),
+    ],
+)
+async def test_token_is_required_on_api_routes(secured, method, path):
+    for authorization in (None, "", "Bearer", "Bearer tok-3", "Bearer tok-3nX", "Basic dG9rLTNu", "tok-3n"):
+        headers = {"authorization": authorization} if authorization is not None else {}
+        # The harness sends the right token unless headers override it.
+        reply = await secured.request(method, path, headers=headers or {"authorization": ""})
+        problem = assert_problem(reply, 401)
+        assert "token" in problem["detail"]
+        challenge = reply.headers["www-authenticate"]
+        assert challenge.startswith('Bearer realm="dcmstatus"')
+        assert ('error="invalid_token"' in challenge) == bool(authorization and authorization != "")
+    assert await secured.sql("SELECT count(*) FROM service_type_instances") == [(0,)]
+
+
+async def test_right_token_is_accepted_in_any_scheme_case(secured):
+    instance = await secured.create("t1")
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        reply = await secured.request(
+            "GET", f"{BASE}/t1", headers={"authorization": f"{scheme} tok-3n"}
+        )
+        assert reply.status == 200 and reply.json() == instance
+
+
+async def test_health_and_metrics_need_no_token(secured):
+    for path in ("/api/v1/health", "/metrics"):
+        reply = await secured.request("GET", path, headers={"authorization": ""})
+        assert reply.status == 200, path
+    assert (await secured.request("GET", "/nothing", headers={"authorization": ""})).status == 404
+
+
+async def test_without_a_configured_token_none_is_asked(api):
+    reply = await api.request("GET", BASE, headers={"authorization": "Bearer anything"})
+    assert reply.status == 200
+    assert "www-authenticate" not in reply.headers
