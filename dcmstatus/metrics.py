@@ -3,13 +3,78 @@
 One `Metrics` object per service (not module globals) so tests and several
 services in one process never share counters. The pipeline increments them
 once per batch, never once per message: prometheus-client takes a lock per call.
+Per-event values (the event lag) go into `BulkHistogram`, which takes a whole
+batch of observations in one call.
+
+Names follow the Prometheus conventions: `dcmstatus_` prefix, `_total` on
+counters, base units (seconds, messages) in the name.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 from .model import REJECTION_REASONS
+
+if TYPE_CHECKING:
+    from .batching import WriteBatch
+    from .model import BatchResult
+
+# Event lag spans a healthy sub-second pipeline to a backlog hours deep.
+LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600)
+
+
+class BulkHistogram(Collector):
+    """A histogram fed a batch of observations per call.
+
+    prometheus-client's Histogram takes a lock per observe(); a 1000-event
+    batch would take it 1000 times. This one is updated and collected on the
+    trio thread only (writers and the /metrics handler both run there), so it
+    needs no lock. Buckets are upper bounds (`le`), as in Prometheus.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        # Sorted once, each bucket is one bisection: ~20 steps per batch
+        # instead of one bisection per value.
+        ordered = sorted(values)
+        if not ordered:
+            return
+        counts, below = self.counts, 0
+        for i, bound in enumerate(self.bounds):
+            upto = bisect_right(ordered, bound, lo=below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(ordered) - below
+        self.sum += sum(ordered)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        cumulative, running = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts):
+            running += count
+            cumulative.append((_le(bound), running))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
 class Metrics:
@@ -58,6 +123,50 @@ class Metrics:
         self.nats_reconnects = Counter(
             "dcmstatus_nats_reconnects_total", "Reconnections to the NATS server", registry=r
         )
+        self.event_lag = BulkHistogram(
+            "dcmstatus_event_lag_seconds",
+            "Commit time minus event time, per event written (newest per instance in its batch)",
+            LAG_BUCKETS,
+            r,
+        )
+        self.consumer_pending = Gauge(
+            "dcmstatus_consumer_pending_messages",
+            "Messages in the stream not yet delivered to the durable consumer (the backlog)",
+            registry=r,
+        )
+        self.consumer_ack_pending = Gauge(
+            "dcmstatus_consumer_ack_pending_messages",
+            "Messages delivered to the durable consumer and not yet acknowledged (all replicas)",
+            registry=r,
+        )
+        self.consumer_redelivered = Gauge(
+            "dcmstatus_consumer_redelivered_messages",
+            "Messages delivered more than once and still not acknowledged",
+            registry=r,
+        )
+
+    def observe_batch(self, batch: WriteBatch[Any], result: BatchResult, committed_at: datetime | None = None) -> None:
+        """Record the event lag of a committed batch: `committed_at` (default:
+        now) minus each update's event time, in seconds, for the updates that
+        name an existing instance. Rejections carry no event time.
+
+        Only the lag: the batch counters (received, applied, ...) stay where
+        they are incremented today.
+        """
+        updates = batch.updates
+        if not updates:
+            return
+        now = committed_at or datetime.now(UTC)
+        unknown = frozenset(result.unknown) if result.unknown else ()
+        # Timedelta arithmetic: ~5x cheaper than datetime.timestamp() per event.
+        lags = [(now - u.event_time).total_seconds() for u in updates if u.instance_id not in unknown]
+        self.event_lag.observe_many(lag if lag > 0.0 else 0.0 for lag in lags)
+
+    def observe_consumer(self, info: Any) -> None:
+        """Record the durable consumer's state from a JetStream ConsumerInfo."""
+        self.consumer_pending.set(info.num_pending or 0)
+        self.consumer_ack_pending.set(info.num_ack_pending or 0)
+        self.consumer_redelivered.set(info.num_redelivered or 0)
 
     def totals(self) -> dict[str, int]:
         """Event counts so far, for the summary line logged on exit."""

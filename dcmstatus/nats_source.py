@@ -226,8 +226,9 @@ class JetStreamSource:
     async def _check_consumer(self) -> None:
         s = self.settings
         try:
-            await self._js.consumer_info(s.stream, s.durable, timeout=2)
+            info = await self._js.consumer_info(s.stream, s.durable, timeout=2)
             self.consumer_ok = True
+            self._metrics.observe_consumer(info)
         except nats.js.errors.NotFoundError:
             self.consumer_ok = False
             log.warning("durable consumer %s was deleted on the server; recreating it", s.durable)
