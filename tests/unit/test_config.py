@@ -1,0 +1,158 @@
+"""Configuration: flag > environment > TOML file > default, strict file keys,
+service types from the file, the API token, and `dcmstatus config`."""
+
+import argparse
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dcmstatus import cli
+from dcmstatus.config import ConfigError, ServeConfig, add_serve_options, load_config, render_toml
+
+
+def _load(argv: list[str], env: dict[str, str] | None = None):
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_serve_options(parser)
+    return load_config(parser.parse_args(argv), env or {})
+
+
+@pytest.fixture
+def toml(tmp_path: Path):
+    def write(text: str) -> str:
+        path = tmp_path / "dcmstatus.toml"
+        path.write_text(text)
+        return str(path)
+
+    return write
+
+
+def test_defaults():
+    config, sources = _load([])
+    assert config == ServeConfig()
+    assert set(sources.values()) == {"default"}
+
+
+def test_precedence_flag_over_env_over_file_over_default(toml):
+    path = toml('http_port = 7000\nwriters = 3\nbatch_size = 500\nlog_level = "debug"\n')
+    env = {"DCMSTATUS_HTTP_PORT": "7001", "DCMSTATUS_WRITERS": "4"}
+    config, sources = _load(["--config", path, "--http-port", "7002"], env)
+    assert (config.http_port, config.writers, config.batch_size, config.log_level) == (7002, 4, 500, "DEBUG")
+    assert config.max_in_flight == 10_000  # default
+    assert sources["http_port"] == "flag"
+    assert sources["writers"] == "env DCMSTATUS_WRITERS"
+    assert sources["batch_size"] == f"file {path}"
+    assert sources["max_in_flight"] == "default"
+
+    # The config file may also be named by the environment.
+    config, _ = _load([], {"DCMSTATUS_CONFIG": path})
+    assert config.http_port == 7000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("http_prot = 1\n", "unknown key 'http_prot'; did you mean 'http_port'?"),
+        ("zzz = 1\n", "unknown key 'zzz' (known: nats_url,"),
+        ("http_port = '80'\n", "http_port must be an integer"),
+        ("http_port = true\n", "http_port must be an integer"),
+        ("ack_wait = 'soon'\n", "ack_wait must be a number"),
+        ("log_format = 'xml'\n", "log_format must be one of text, json"),
+        ("http_port = \n", "is not valid TOML"),
+        ("writers = 0\n", "--writers must be at least 1"),
+        ("[service_types.vm]\ncolour = 'red'\n", "service_types.vm.colour: unknown key"),
+        ("[service_types.vm.aliases]\nUp = 'FLYING'\n", "service_types.vm.aliases.Up: target 'FLYING' is not a vm status"),
+        ("[service_types.toaster]\naliases = {}\n", "service_types.toaster.statuses: must not be empty"),
+    ],
+)
+def test_file_errors_name_the_key(toml, text, message):
+    with pytest.raises(ConfigError) as caught:
+        _load(["--config", toml(text)])
+    assert message in str(caught.value)
+
+
+def test_env_errors_name_the_variable():
+    with pytest.raises(ConfigError, match=r"DCMSTATUS_HTTP_PORT='eighty' is not an integer"):
+        _load([], {"DCMSTATUS_HTTP_PORT": "eighty"})
+    with pytest.raises(ConfigError, match="DCMSTATUS_LOG_FORMAT='yaml' must be one of text, json"):
+        _load([], {"DCMSTATUS_LOG_FORMAT": "yaml"})
+    with pytest.raises(ConfigError, match="cannot read config file /nonexistent.toml"):
+        _load([], {"DCMSTATUS_CONFIG": "/nonexistent.toml"})
+
+
+def test_service_types_from_the_file_are_merged_into_the_catalog(toml):
+    path = toml(
+        "[service_types.three_tier_app]\n"
+        'statuses = ["PENDING", "READY", "FAILED"]\n'
+        'aliases = { Up = "READY" }\n'
+        "[service_types.vm.aliases]\n"
+        'Booting = "PROVISIONING"\n'
+    )
+    config, _ = _load(["--config", path])
+    catalog = config.catalog()
+    assert catalog.canonical_status("three_tier_app", " up ") == "READY"
+    assert catalog.canonical_status("vm", "booting") == "PROVISIONING"
+    assert catalog.canonical_status("vm", "Pending") == "PROVISIONING"  # defaults kept
+    assert "container" in catalog
+
+
+def test_api_token_from_env_or_file(tmp_path, toml):
+    config, sources = _load([], {"DCMSTATUS_API_TOKEN": "t0k"})
+    assert config.api_token == "t0k" and sources["api_token"] == "env DCMSTATUS_API_TOKEN"
+
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    config, sources = _load(["--api-token-file", str(token_file)])
+    assert config.api_token == "from-file" and sources["api_token"] == f"file {token_file}"
+
+    with pytest.raises(ConfigError, match="keep one"):
+        _load(["--api-token-file", str(token_file)], {"DCMSTATUS_API_TOKEN": "t0k"})
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        _load(["--api-token-file", str(token_file)])
+    with pytest.raises(ConfigError, match="cannot read the API token file"):
+        _load(["--api-token-file", str(tmp_path / "missing")])
+    # Never a flag: it would show in the process list.
+    with pytest.raises(SystemExit):
+        _load(["--api-token", "x"])
+
+
+def test_rendered_config_is_a_valid_config_file_with_secrets_redacted(toml, tmp_path):
+    path = toml('database_url = "postgresql://app:hunter2@db/dcm"\nnats_url = "nats://s3cr3t@nats:4222"\n'
+                "[service_types.app]\nstatuses = ['UP']\n")
+    config, sources = _load(["--config", path], {"DCMSTATUS_API_TOKEN": "tok3n"})
+    text = render_toml(config, sources)
+    for secret in ("hunter2", "s3cr3t", "tok3n"):
+        assert secret not in text
+    assert 'database_url = "postgresql://app:***@db/dcm"' in text
+    assert "# api_token = '***' (env DCMSTATUS_API_TOKEN; redacted)" in text
+
+    reloaded_path = tmp_path / "again.toml"
+    reloaded_path.write_text(text)
+    assert tomllib.loads(text)["service_types"]["app"] == {"statuses": ["UP"]}
+    again, _ = _load(["--config", str(reloaded_path)], {"DCMSTATUS_API_TOKEN": "tok3n"})
+    plain = {k: v for k, v in config.redacted().items() if k not in ("database_url", "nats_url")}
+    assert {k: v for k, v in again.redacted().items() if k in plain} == plain
+    assert again.catalog() == config.catalog()
+
+
+def test_config_command(capsys, toml, monkeypatch):
+    monkeypatch.setenv("DCMSTATUS_API_TOKEN", "tok3n")
+    assert cli.main(["config", "--config", toml("http_port = 9999\n"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["http_port"] == 9999 and out["api_token"] == "***"
+    assert out["service_types"]["vm"]["aliases"]["Succeeded"] == "STOPPED"
+
+    assert cli.main(["config", "--config", toml("http_port = 'x'\n")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dcmstatus config: config file ") and "http_port must be an integer" in err
+
+
+def test_help_names_env_variables_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("[env DCMSTATUS_HTTP_PORT; default 8080]", "DCMSTATUS_CONFIG", "--log-format {text,json}",
+                     "[env DCMSTATUS_API_TOKEN_FILE; default none]"):
+        assert expected in text
