@@ -80,7 +80,7 @@ class _Shard:
 
 
 class BatchBuilder(Generic[Token]):
-    """Collects decisions until the caller decides to flush (on size or timer)."""
+    """Collects decisions until the caller hands a shard, or all, to the writers."""
 
     def __init__(self, shards: int = 1) -> None:
         if shards < 1:
@@ -112,20 +112,22 @@ class BatchBuilder(Generic[Token]):
             shard.tokens.append(token)
             shard.rejections.append(decision)  # type: ignore[arg-type]
 
+    def pending(self, shard: int) -> int:
+        """Messages collected for one shard."""
+        return len(self._shards[shard].tokens)
+
+    def take_shard(self, index: int) -> WriteBatch[Token]:
+        """One shard's batch; resets that shard."""
+        shard = self._shards[index]
+        # Sorted ids: one deterministic row-lock order inside a statement.
+        updates = sorted(shard.newest.values(), key=_instance_id)
+        self._shards[index] = _Shard()
+        self._messages -= len(shard.tokens)
+        return WriteBatch(index, updates, shard.rejections, shard.tokens, shard.superseded)
+
     def take(self) -> list[WriteBatch[Token]]:
         """The non-empty batches collected so far, one per shard; resets the builder."""
-        batches = []
-        for index, shard in enumerate(self._shards):
-            if not shard.tokens:
-                continue
-            # Sorted ids: one deterministic row-lock order inside a statement.
-            updates = sorted(shard.newest.values(), key=_instance_id)
-            batches.append(
-                WriteBatch(index, updates, shard.rejections, shard.tokens, shard.superseded)
-            )
-            self._shards[index] = _Shard()
-        self._messages = 0
-        return batches
+        return [self.take_shard(i) for i in range(self._shard_count) if self._shards[i].tokens]
 
 
 def _instance_id(update: StatusUpdate) -> str:

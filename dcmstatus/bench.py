@@ -553,7 +553,7 @@ def _table(parts: list[Part], summary: dict) -> str:
     lines.append(
         f"drain / reference = {summary['vs_reference']}x   drain / lower ceiling = {summary['vs_lower_ceiling']:.0%}   "
         f"p99 = {summary['latency_p99_ms']} ms   peak RSS = {summary['peak_rss_mb_large_drain']} MB   "
-        f"duplicate costs {1 / summary['duplicate_cost_vs_change']:.2f} of a change   correct = {summary['correct']}"
+        f"a duplicate costs {summary['duplicate_cost_vs_change']:.2f} of a change   correct = {summary['correct']}"
     )
     lines.append(f"machine: {summary['machine']}; wall time {summary['wall_seconds']}s")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ Decode = Callable[[str, "dict[str, str] | None", bytes, int, int], Decision]
 
 class PipelineSettings(msgspec.Struct, frozen=True):
     max_batch: int = 1000  # messages per flush
-    max_delay: float = 0.02  # seconds the first message of a batch may wait
+    max_delay: float = 0.005  # how often a partial batch looks again for an idle writer
     writers: int = 2
     retry_initial: float = 0.1  # first back-off after a failed commit
     retry_max: float = 5.0
@@ -107,15 +107,25 @@ class Pipeline:
         deliveries: trio.MemoryReceiveChannel[Delivery],
         batch_channels: list[trio.MemorySendChannel[WriteBatch]],
     ) -> None:
+        """Decode and batch deliveries; hand batches to the writers.
+
+        A shard goes to its writer as soon as that writer is idle, so a quiet
+        stream sees the latency of one commit, not of a timer. While a writer
+        is busy its shard keeps filling ("one batch commits while the next
+        fills"), checked again every `max_delay`; only a full batch makes
+        intake wait for the writers, which is the back-pressure that pauses
+        the source.
+        """
         settings = self._settings
         builder: BatchBuilder[Any] = BatchBuilder(len(batch_channels))
         decode = self._decode
         max_batch = settings.max_batch
-        flush_at = math.inf
+        wake_at = math.inf
         async with deliveries:
             try:
                 while True:
-                    with trio.move_on_at(flush_at):
+                    full = False
+                    with trio.move_on_at(wake_at):
                         try:
                             first = await deliveries.receive()
                         except trio.EndOfChannel:
@@ -134,13 +144,13 @@ class Pipeline:
                             if type(decision) is not StatusUpdate:
                                 _log_rejection(decision)  # type: ignore[arg-type]
                             builder.add(decision, d.token)
-                        if flush_at == math.inf:
-                            flush_at = trio.current_time() + settings.max_delay
-                        if len(builder) < max_batch:
-                            continue
-                    # Full, or the timer fired: hand over.
-                    await self._flush(builder, batch_channels)
-                    flush_at = math.inf
+                        full = len(builder) >= max_batch
+                    if full:
+                        # Outside the timer's scope: a send cancelled after take()
+                        # would drop the batch (NATS would redeliver it, late).
+                        await self._flush(builder, batch_channels)
+                    _hand_to_idle_writers(builder, batch_channels)
+                    wake_at = trio.current_time() + settings.max_delay if len(builder) else math.inf
                 await self._flush(builder, batch_channels)
             finally:
                 for channel in batch_channels:
@@ -245,6 +255,13 @@ class Pipeline:
 
 _NOTHING = BatchResult(0, 0, ())
 _encode_json = msgspec.json.Encoder().encode
+
+
+def _hand_to_idle_writers(builder: BatchBuilder[Any], batch_channels: list[trio.MemorySendChannel[WriteBatch]]) -> None:
+    for shard, channel in enumerate(batch_channels):
+        # Capacity 0: send_nowait succeeds exactly when the writer waits in receive().
+        if builder.pending(shard) and channel.statistics().tasks_waiting_receive:
+            channel.send_nowait(builder.take_shard(shard))
 
 
 def _log_rejection(rejection: Rejection) -> None:

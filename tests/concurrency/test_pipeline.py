@@ -114,9 +114,9 @@ def make(settings: PipelineSettings, stores: list[FakeStore]):
     return pipeline, source, Deliveries(send, source), receive
 
 
-async def test_flushes_on_size_then_on_timer(autojump_clock):
+async def test_full_batches_go_at_once_and_the_rest_to_the_idle_writer(autojump_clock):
     store = FakeStore()
-    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=1.0, writers=1), [store])
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=0.25, writers=1), [store])
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         start = trio.current_time()
@@ -125,12 +125,12 @@ async def test_flushes_on_size_then_on_timer(autojump_clock):
         await trio.sleep(5)
         await send.aclose()
     sizes = [(round(t - start, 3), len(b)) for t, b in store.committed]
-    # Two full batches at once, the rest when the timer fires.
-    assert sizes == [(0.0, 10), (0.0, 10), (1.0, 5)]
+    # No timer involved: the writer is idle again when the last 5 are decoded.
+    assert sizes == [(0.0, 10), (0.0, 10), (0.0, 5)]
     assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 26))
 
 
-async def test_single_message_waits_exactly_max_delay(autojump_clock):
+async def test_an_idle_writer_takes_a_partial_batch_at_once(autojump_clock):
     store = FakeStore()
     pipeline, source, send, receive = make(PipelineSettings(max_batch=1000, max_delay=0.02, writers=1), [store])
     async with trio.open_nursery() as nursery:
@@ -138,7 +138,47 @@ async def test_single_message_waits_exactly_max_delay(autojump_clock):
         start = trio.current_time()
         send.send_nowait(delivery(1, b"a:RUNNING:1"))
         await trio.sleep(1)
-        assert [round(t - start, 6) for t, _ in store.committed] == [0.02]
+        assert [round(t - start, 6) for t, _ in store.committed] == [0.0]
+        await send.aclose()
+
+
+async def test_a_batch_fills_while_its_writer_commits_then_goes_when_it_is_free(autojump_clock):
+    store = FakeStore(delay=1.0)
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=100, max_delay=0.005, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        send.send_nowait(delivery(1, b"first:RUNNING:1"))
+        await trio.sleep(0.1)
+        for seq in range(2, 12):
+            send.send_nowait(delivery(seq, f"i{seq}:RUNNING:1".encode()))
+        await trio.sleep(0.4)
+        for seq in range(12, 22):
+            send.send_nowait(delivery(seq, f"i{seq}:RUNNING:1".encode()))
+        await trio.sleep(3)
+        await send.aclose()
+    committed = [(t - start, len(b)) for t, b in store.committed]
+    assert [n for _, n in committed] == [1, 20]  # the 20 waited together, not in two commits
+    assert committed[0][0] == pytest.approx(1.0)
+    # Handed over at the first look after the writer became free (looks every 5 ms).
+    assert 2.0 <= committed[1][0] <= 2.0 + 0.0051
+
+
+async def test_a_full_batch_waiting_for_a_busy_writer_is_never_dropped(autojump_clock):
+    # A partial batch arms the look-again timer; a full batch then waits for
+    # the busy writer past that time. The wait must not be cut short.
+    store = FakeStore(delay=1.0)
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=10, max_delay=0.005, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        send.send_nowait(delivery(1, b"first:RUNNING:1"))
+        await trio.sleep(0.1)
+        send.send_nowait(delivery(2, b"partial:RUNNING:1"))
+        await trio.sleep(0.1)
+        for seq in range(3, 40):
+            send.send_nowait(delivery(seq, f"i{seq}:RUNNING:1".encode()))
+        await trio.sleep(20)
+        assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 40))
         await send.aclose()
 
 
@@ -168,7 +208,7 @@ async def test_ack_only_after_commit(autojump_clock):
         await trio.sleep(4)
         assert source.acked == []
         await trio.sleep(2)
-        assert [(round(t - start, 3), tok) for t, tok in source.acked] == [(5.1, "ack-1")]
+        assert [(round(t - start, 3), tok) for t, tok in source.acked] == [(5.0, "ack-1")]
         await send.aclose()
 
 
