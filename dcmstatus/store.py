@@ -46,6 +46,13 @@ WITH ev AS (
      WHERE t.instance_id = ev.instance_id
        AND t.service_type = ev.service_type
        AND (t.status_time, t.status_seq) < (ev.event_time, ev.seq)
+       -- The same event published twice (same time, same content) is a
+       -- duplicate, not a newer event, whatever its stream sequence.
+       AND (ev.event_time > t.status_time
+            OR ev.status IS DISTINCT FROM t.status
+            OR ev.message IS DISTINCT FROM t.status_message
+            OR ev.provider IS DISTINCT FROM t.provider_name
+            OR (ev.outputs IS NOT NULL AND ev.outputs::jsonb IS DISTINCT FROM t.outputs))
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM upd),

@@ -73,6 +73,17 @@ def test_applies_newest_and_ignores_replays_and_late_events(db):
     assert row(url, "vm1")[0] == "STOPPING"
 
 
+def test_the_same_event_published_twice_is_a_duplicate_not_a_newer_event(db):
+    store, url = db
+    assert store.apply_sync(batch_of(update("vm1", "RUNNING", 10, 5, message="up"))).applied == 1
+    # Same time and content, later stream sequence: a second publish of one event.
+    result = store.apply_sync(batch_of(update("vm1", "RUNNING", 10, 9, message="up")))
+    assert (result.applied, result.stale) == (0, 1)
+    assert row(url, "vm1")[5] == 5
+    # Same time, different content: the tie-break (stream sequence) decides.
+    assert store.apply_sync(batch_of(update("vm1", "FAILED", 10, 9))).applied == 1
+
+
 def test_unknown_instance_and_wrong_service_type_are_noops(db):
     store, url = db
     result = store.apply_sync(batch_of(update("nope", "RUNNING", 1, 1), update("c1", "RUNNING", 1, 2)))
