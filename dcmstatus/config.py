@@ -89,6 +89,7 @@ class ServeConfig:
     grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _opt("text", "text (human) or json (one object per line, event fields as keys)", type=_lower, choices=("text", "json"))
+    max_request_bytes: int = _opt(1024 * 1024, "HTTP request bodies larger than this are refused with 413", type=int)
     api_token_file: Path | None = _opt(
         None,
         "file holding the API token: every /api/v1 route except health then needs 'Authorization: Bearer <token>'",
@@ -119,7 +120,7 @@ class ServeConfig:
                 f"{given} is set but {missing} is not: give both to use running servers, "
                 "or neither to start the embedded ones"
             )
-        for name in ("writers", "batch_size", "max_in_flight", "max_event_bytes", "dead_letter_limit"):
+        for name in ("writers", "batch_size", "max_in_flight", "max_event_bytes", "dead_letter_limit", "max_request_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_in_flight < self.batch_size:

@@ -30,9 +30,10 @@ __all__ = ["MAX_BODY_BYTES", "OPENAPI_DOCUMENT", "make_app"]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 1024 * 1024
-# How much of a too-large body is read and dropped before the 413 (see Request.body).
-_DRAIN_LIMIT = 8 * MAX_BODY_BYTES
+MAX_BODY_BYTES = 1024 * 1024  # the default request body limit
+# How much of a too-large body is read and dropped before the 413, as a
+# multiple of the limit (see Request.body).
+_DRAIN_FACTOR = 8
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 # Client-chosen instance ids (CONTRACT §6): a DNS label.
@@ -147,7 +148,8 @@ class _ClientGone(Exception):
 class Request:
     """One HTTP request: method, path, query and a body read on demand."""
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
+    def __init__(self, scope: Scope, receive: Receive, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.max_body_bytes = max_body_bytes
         self.method: str = scope["method"]
         self.path: str = scope["path"]
         self._scope = scope
@@ -199,16 +201,18 @@ class Request:
         return params
 
     async def body(self) -> bytes:
-        """The whole request body, at most MAX_BODY_BYTES (else 413).
+        """The whole request body, at most `max_body_bytes` (else 413).
 
         A body somewhat over the limit is read to its end and dropped before
         answering: hypercorn closes a connection whose request was not read
         completely, and a client still sending then sees a reset, not the 413.
         A body far over the limit is refused unread.
         """
-        too_large = HTTPProblem(413, f"the request body exceeds {MAX_BODY_BYTES} bytes")
+        limit = self.max_body_bytes
+        drain_limit = _DRAIN_FACTOR * limit
+        too_large = HTTPProblem(413, f"the request body exceeds {limit} bytes")
         declared = self.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > _DRAIN_LIMIT:
+        if declared is not None and declared.isdigit() and int(declared) > drain_limit:
             raise too_large
         chunks: list[bytes] = []
         size = 0
@@ -218,11 +222,11 @@ class Request:
                 raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size <= MAX_BODY_BYTES:
+            if size <= limit:
                 chunks.append(chunk)
-            if not message.get("more_body", False) or size > _DRAIN_LIMIT:
+            if not message.get("more_body", False) or size > drain_limit:
                 break
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             raise too_large
         return b"".join(chunks)
 
@@ -288,7 +292,9 @@ class _Api:
         registry: CollectorRegistry,
         page_token_key: bytes,
         api_token: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
     ) -> None:
+        self._max_body_bytes = max_body_bytes
         self._api_token = None if not api_token else api_token.encode("utf-8")
         self._store = store
         self._service_types = service_types
@@ -302,7 +308,7 @@ class _Api:
             return
         if scope["type"] != "http":
             return  # no websockets: returning without accepting refuses it
-        request = Request(scope, receive)
+        request = Request(scope, receive, self._max_body_bytes)
         try:
             response = await self._dispatch(request)
         except HTTPProblem as problem:
@@ -548,6 +554,7 @@ def make_app(
     *,
     page_token_key: bytes = _DEFAULT_TOKEN_KEY,
     api_token: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> ASGIApp:
     """The ASGI application serving /api/v1 and /metrics.
 
@@ -555,10 +562,11 @@ def make_app(
     at run time is honoured. `health` returns (ok, {component: state}).
     With `api_token`, every /api/v1 route except health requires
     `Authorization: Bearer <api_token>` (401 otherwise); /metrics stays open.
+    Request bodies over `max_body_bytes` are refused with 413.
     """
     if callable(catalog_service_types):
         service_types = catalog_service_types
     else:
         fixed = frozenset(catalog_service_types)
         service_types = lambda: fixed  # noqa: E731
-    return _Api(store, service_types, health, metrics_registry, page_token_key, api_token)
+    return _Api(store, service_types, health, metrics_registry, page_token_key, api_token, max_body_bytes)

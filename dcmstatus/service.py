@@ -109,6 +109,7 @@ class Service:
                     self.health,
                     self.metrics.registry,
                     api_token=config.api_token,
+                    max_body_bytes=config.max_request_bytes,
                 )
                 hconfig = HypercornConfig()
                 hconfig.bind = [f"{config.http_host}:{config.http_port}"]

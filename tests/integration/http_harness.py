@@ -122,14 +122,14 @@ class Api:
 
 
 @asynccontextmanager
-async def serve_api(database_url: str, api_token: str | None = None):
+async def serve_api(database_url: str, api_token: str | None = None, **app_options: Any):
     """Serve the API on a loopback port until the block ends."""
     await trio.to_thread.run_sync(migrate, database_url)
     pool = ConnectionPool(database_url, min_size=1, max_size=4, open=False)
     await trio.to_thread.run_sync(partial(pool.open, wait=True))
     health = HealthSwitch()
     metrics = Metrics()
-    app = make_app(InstanceStore(pool), SERVICE_TYPES, health, metrics.registry, api_token=api_token)
+    app = make_app(InstanceStore(pool), SERVICE_TYPES, health, metrics.registry, api_token=api_token, **app_options)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.graceful_timeout = 1

@@ -603,3 +603,12 @@ async def test_without_a_configured_token_none_is_asked(api):
     reply = await api.request("GET", BASE, headers={"authorization": "Bearer anything"})
     assert reply.status == 200
     assert "www-authenticate" not in reply.headers
+
+
+async def test_request_body_limit_is_configurable(database_url):
+    async with serve_api(database_url, max_body_bytes=100) as small:
+        body = b'{"service_type":"vm","spec":{"pad":"' + b"x" * 60 + b'"}}'
+        assert len(body) <= 100
+        assert (await small.request("POST", f"{BASE}?id=fits", body)).status == 201
+        problem = assert_problem(await small.request("POST", BASE, body + b" " * (101 - len(body))), 413)
+        assert "100 bytes" in problem["detail"]
