@@ -20,6 +20,7 @@ Nothing reports a consumer deleted behind our back, so a ticker checks
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import deque
@@ -72,6 +73,7 @@ class JetStreamSource:
         self._requested = 0
         self._stopping = False
         self._received = 0
+        self._intake_closed = False
         self.consumer_ok = False
 
     # ---- trio side -------------------------------------------------------
@@ -119,6 +121,7 @@ class JetStreamSource:
                 await trio_asyncio.aio_as_trio(self._sub.drain)()
             except Exception as exc:  # a dead connection has nothing left to drain
                 log.debug("drain of the pull subscription failed: %s", exc)
+        self._intake_closed = True
         if self._deliveries is not None:
             await self._deliveries.aclose()
 
@@ -251,21 +254,63 @@ class JetStreamSource:
             pending_msgs_limit=self.settings.max_in_flight * 2,
             pending_bytes_limit=-1,
         )
+        self._install_fast_path()
         await self._refill()
 
     async def _on_message(self, msg) -> None:
+        """nats-py's subscription callback: status messages, and messages with headers."""
         headers = msg.headers
         if headers and "Status" in headers:
             self._on_status(headers)
             return
-        reply = msg.reply
+        self._accept(msg.subject, headers, msg.data, msg.reply)
+        if self._requested < self.settings.pull_batch:
+            await self._refill()
+
+    def _install_fast_path(self) -> None:
+        """Take header-less messages for our inbox straight from nats-py's parser.
+
+        The subscription path builds a Msg, parses headers, and passes each
+        message through an asyncio.Queue and a task switch before our
+        callback: about a quarter of the consume path (profiled). Every
+        known provider publishes without headers. Messages with headers
+        (status replies, binary-mode CloudEvents) keep the normal path. The
+        hook uses nats-py's internal `_process_msg(sid, subject, reply, data,
+        headers)`; if that signature ever changes, the hook is not installed.
+        """
+        nc = self._nc
+        original = nc._process_msg
+        try:
+            params = list(inspect.signature(original).parameters)
+        except (TypeError, ValueError):
+            params = []
+        if params != ["sid", "subject", "reply", "data", "headers"]:
+            log.info("nats-py internals changed; consuming through the subscription callback only")
+            return
+        sid = self._sub._id
+        accept = self._accept
+        pull_batch = self.settings.pull_batch
+
+        async def process_msg(msg_sid, subject, reply, data, headers):
+            if msg_sid != sid or headers:
+                await original(msg_sid, subject, reply, data, headers)
+                return
+            accept(subject.decode(), None, data, reply.decode())
+            if self._requested < pull_batch:
+                await self._refill()
+
+        nc._process_msg = process_msg
+
+    def _accept(self, subject: str, headers: dict[str, str] | None, data: bytes, reply: str) -> None:
+        if self._intake_closed:
+            return  # stopping: unacked, so NATS redelivers it
         tokens = reply.split(".")
         if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
             seq, ts = int(tokens[5]), int(tokens[7])
         elif len(tokens) >= 11:  # with domain and account hash
             seq, ts = int(tokens[7]), int(tokens[9])
         else:
-            log.error("message on %s has an unexpected reply subject %r; leaving it unacked", msg.subject, reply)
+            log.error("message on %s has an unexpected reply subject %r; leaving it unacked", subject, reply)
             return
         self._in_flight += 1
         self._received += 1
@@ -276,9 +321,7 @@ class JetStreamSource:
             head[0] -= 1
             if head[0] <= 0:
                 requests.popleft()
-        self._deliveries.send_nowait(Delivery(msg.subject, headers, msg.data, seq, ts, reply))
-        if self._requested < self.settings.pull_batch:
-            await self._refill()
+        self._deliveries.send_nowait(Delivery(subject, headers, data, seq, ts, reply))
 
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers.get("Status")
