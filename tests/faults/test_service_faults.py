@@ -283,3 +283,4 @@ def test_poison_event_is_isolated_and_dead_lettered(tmp_path, nats_url, database
     asyncio.run(chaos.publish_events(nats_url, late.events))
     wait_for(lambda: converged(database_url, late.expected), "events after the poison applied", 60)
     assert svc.terminate() == 0, svc.log()
+
