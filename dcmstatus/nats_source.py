@@ -264,7 +264,7 @@ class JetStreamSource:
             self._on_status(headers)
             return
         self._accept(msg.subject, headers, msg.data, msg.reply)
-        if self._requested < self.settings.pull_batch:
+        if self._room_for_a_pull():
             await self._refill()
 
     def _install_fast_path(self) -> None:
@@ -289,14 +289,14 @@ class JetStreamSource:
             return
         sid = self._sub._id
         accept = self._accept
-        pull_batch = self.settings.pull_batch
+        room_for_a_pull = self._room_for_a_pull
 
         async def process_msg(msg_sid, subject, reply, data, headers):
             if msg_sid != sid or headers:
                 await original(msg_sid, subject, reply, data, headers)
                 return
             accept(subject.decode(), None, data, reply.decode())
-            if self._requested < pull_batch:
+            if room_for_a_pull():
                 await self._refill()
 
         nc._process_msg = process_msg
@@ -335,6 +335,12 @@ class JetStreamSource:
                 log.info("pull request ended by the server: %s", description)
                 if "Deleted" in description:
                     self.consumer_ok = False
+
+    def _room_for_a_pull(self) -> bool:
+        # Checked per message: while the credit is used up (a backlog) this is
+        # all the per-message pull logic costs.
+        s = self.settings
+        return self._requested < s.pull_batch and self._in_flight + self._requested + s.pull_batch <= s.max_in_flight
 
     async def _refill(self) -> None:
         """Send pull requests while credit allows."""
