@@ -27,6 +27,7 @@ import msgspec
 import trio
 
 from .batching import BatchBuilder, WriteBatch
+from .logs import EventLog
 from .metrics import Metrics
 from .model import DEAD_LETTER_BODY_BYTES, INVALID_DATA, BatchRefused, BatchResult, Decision, Rejection, StatusUpdate
 
@@ -72,6 +73,7 @@ class Pipeline:
         stores: list[Store],
         metrics: Metrics,
         settings: PipelineSettings = PipelineSettings(),
+        events: EventLog | None = None,
     ) -> None:
         if len(stores) != settings.writers:
             raise ValueError(f"need one store per writer: {settings.writers} writers, {len(stores)} stores")
@@ -80,6 +82,7 @@ class Pipeline:
         self._stores = stores
         self._metrics = metrics
         self._settings = settings
+        self._events = events or EventLog()  # rate-limited: a storm of bad input is summarised
         self.store_healthy = True  # false while a writer is retrying a failed commit
         self.drained = trio.Event()  # set when run() has committed and acked everything
 
@@ -100,6 +103,7 @@ class Pipeline:
                 nursery.start_soon(self._write, store, receive)
             nursery.start_soon(self._intake, deliveries, batch_channels)
             task_status.started()
+        self._events.flush()  # the last summary of suppressed lines, if any
         self.drained.set()
 
     async def _intake(
@@ -142,7 +146,7 @@ class Pipeline:
                         for d in burst:
                             decision = decode(d.subject, d.headers, d.body, d.stream_seq, d.stream_time_ns)
                             if type(decision) is not StatusUpdate:
-                                _log_rejection(decision)  # type: ignore[arg-type]
+                                self._events.rejected(decision)  # type: ignore[arg-type]
                             builder.add(decision, d.token)
                         full = len(builder) >= max_batch
                     if full:
@@ -170,10 +174,10 @@ class Pipeline:
                 metrics.batch_size.observe(len(batch))
                 metrics.events_applied.inc(result.applied)
                 metrics.events_noop.inc(result.stale)
+                metrics.observe_batch(batch, result)
                 if result.unknown:
                     metrics.events_unknown_instance.inc(len(result.unknown))
-                    for instance_id in result.unknown:
-                        log.warning("status event for unknown instance %s ignored", instance_id)
+                self._events.unknown_instances(batch, result.unknown)
                 for reason, count in batch.rejection_counts().items():
                     metrics.events_rejected.labels(reason).inc(count)
                 for rejection in dead_lettered:
@@ -223,10 +227,7 @@ class Pipeline:
             update.service_type,
             update.instance_id,
         )
-        log.warning(
-            "event dead-lettered: reason=%s service_type=%s instance_id=%s seq=%d: %s",
-            poison.reason, update.service_type, update.instance_id, update.stream_seq, poison.detail,
-        )
+        self._events.rejected(poison)
         await self._commit(store, WriteBatch.of_rejections(0, [poison]))
         return _NOTHING, [poison]
 
@@ -262,18 +263,6 @@ def _hand_to_idle_writers(builder: BatchBuilder[Any], batch_channels: list[trio.
         # Capacity 0: send_nowait succeeds exactly when the writer waits in receive().
         if builder.pending(shard) and channel.statistics().tasks_waiting_receive:
             channel.send_nowait(builder.take_shard(shard))
-
-
-def _log_rejection(rejection: Rejection) -> None:
-    log.warning(
-        "rejected event: reason=%s subject=%s seq=%d service_type=%s instance_id=%s: %s",
-        rejection.reason,
-        rejection.subject,
-        rejection.stream_seq,
-        rejection.service_type,
-        rejection.instance_id,
-        rejection.detail,
-    )
 
 
 def _one_line(exc: BaseException) -> str:

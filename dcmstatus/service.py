@@ -77,8 +77,15 @@ class Service:
                 writers=config.writers,
             ),
         )
+        # Short timeouts: while the database is down, /health and the API must
+        # answer 503 promptly, not hold a worker thread for the pool's default 30 s.
         self.api_pool = psycopg_pool.ConnectionPool(
-            database_url, min_size=1, max_size=4, open=False, kwargs={"application_name": "dcmstatus-api"}
+            database_url,
+            min_size=1,
+            max_size=4,
+            open=False,
+            timeout=2.0,
+            kwargs={"application_name": "dcmstatus-api", "connect_timeout": 2},
         )
         self.instances = InstanceStore(self.api_pool)
         self.http_url = ""

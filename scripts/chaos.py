@@ -453,7 +453,9 @@ def prepare_database(database_url: str, instances: dict[str, str]) -> None:
 
 def database_state(database_url: str) -> dict[str, tuple[str, datetime]]:
     with psycopg.connect(database_url, connect_timeout=5) as conn:
-        rows = conn.execute("SELECT instance_id, status, status_time FROM service_type_instances").fetchall()
+        rows = conn.execute(
+            "SELECT instance_id, status, CASE WHEN isfinite(status_time) THEN status_time END FROM service_type_instances"
+        ).fetchall()
     return {r[0]: (r[1], r[2]) for r in rows}
 
 

@@ -145,12 +145,6 @@ def test_postgres_unreachable_longer_than_ack_wait(tmp_path, nats_url, pg_server
     assert svc.terminate() == 0, svc.log()
 
 
-@pytest.mark.xfail(
-    reason="instances.ping waits up to the pool's 30 s getconn timeout in a worker thread that "
-    "service.health's fail_after(2) cannot cancel (no abandon_on_cancel): /health hangs instead of "
-    "answering 503 while the database is down",
-    strict=False,
-)
 def test_health_answers_promptly_while_the_database_is_down(tmp_path, nats_url, pg_server, serve):
     database_url = create_database(pg_server.url, f"faults_{uuid.uuid4().hex[:8]}")
     svc = serve(nats_url, database_url)
@@ -238,7 +232,6 @@ def test_sigterm_during_a_large_backlog_then_restart(tmp_path, nats_url, databas
     assert not lost and not wrong
 
 
-@pytest.mark.xfail(reason="poison splitting lands with the lead's change", strict=False)
 def test_poison_event_is_isolated_and_dead_lettered(tmp_path, nats_url, database_url, serve):
     """A value the database rejects (here a trigger raising for one instance)
     fails its whole batch: the batch must be split, the rest committed, the
