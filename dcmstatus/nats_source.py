@@ -354,12 +354,18 @@ class JetStreamSource:
             remaining, _ = requests.popleft()
             self._requested -= int(remaining)
         self._metrics.in_flight.set(self._in_flight)
-        while self._in_flight + self._requested + s.pull_batch <= s.max_in_flight and len(requests) < 16:
-            body = _encode_json({"batch": s.pull_batch, "expires": int(s.pull_expires * 1e9)})
-            await self._nc.publish(self._next_subject, body, reply=self._inbox)
-            # A little slack past `expires` so a late 408 still finds its request.
-            requests.append([s.pull_batch, now + s.pull_expires + 1.0])
-            self._requested += s.pull_batch
+        try:
+            while self._in_flight + self._requested + s.pull_batch <= s.max_in_flight and len(requests) < 16:
+                body = _encode_json({"batch": s.pull_batch, "expires": int(s.pull_expires * 1e9)})
+                await self._nc.publish(self._next_subject, body, reply=self._inbox)
+                # A little slack past `expires` so a late 408 still finds its request.
+                requests.append([s.pull_batch, now + s.pull_expires + 1.0])
+                self._requested += s.pull_batch
+        except Exception as exc:
+            # The connection went away mid-publish (a NATS restart: asyncio's
+            # "Connection lost"). Raised from here it would stop the service;
+            # the reconnect, or the next tick, sends the requests again.
+            log.debug("pull request not sent (%s); retrying after reconnect", exc)
 
     async def _ack_and_refill(self, tokens: list[str]) -> None:
         nc = self._nc

@@ -529,11 +529,13 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
         thread = threading.Thread(target=publisher, daemon=True)
         thread.start()
         faults_done = 0
+        crashes = 0
         while faults_done < args.faults:
             time.sleep(rng.uniform(args.min_interval, args.max_interval))
             kind = rng.choice(kinds) if kinds else None
             if kind is None:
                 break
+            crashes += restart_crashed(services, out)
             inject(kind, rng, services, nats_server, pg)
             injected[kind] += 1
             faults_done += 1
@@ -541,16 +543,15 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
         thread.join(args.timeout)
         if thread.is_alive() or "error" in result:
             raise AssertionError(f"publishing failed: {result.get('error', 'timed out')}")
-        for svc in services:
-            if not svc.alive():
-                svc.start()
+        crashes += restart_crashed(services, out)
         # Everything published must end acknowledged (after its commit) ...
         try:
             wait_for(lambda: all_acked(nats_server.url), "every message acknowledged", args.timeout, interval=0.5)
             checks.append(("every message acknowledged", True, ""))
         except AssertionError as exc:
             checks.append(("every message acknowledged", False, f"{exc}: {consumer_state(nats_server.url)}"))
-        # ... and a restart past ack_wait must find nothing left to do.
+        crashes += restart_crashed(services, out)
+        checks.append(("no service crashed", crashes == 0, f"{crashes} crashes (exit code != 0 without a kill)"))
         for svc in services:
             code = svc.terminate(60)
             checks.append((f"{svc.name} exits 0 on SIGTERM", code == 0, f"exit code {code}"))
@@ -569,7 +570,7 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
             ("stream messages", str(state["messages"])),
             ("redelivered (consumer)", str(state["num_redelivered"])),
             ("faults injected", f"{sum(injected.values())}: " + ", ".join(f"{k}={v}" for k, v in sorted(injected.items()))),
-            ("service starts", ", ".join(f"{s.name}={s.starts}" for s in services)),
+            ("service starts", ", ".join(f"{s.name}={s.starts}" for s in services) + f" ({crashes} after a crash)"),
             ("lost", str(len(lost))),
             ("wrong", str(len(wrong))),
             ("rejected by reason", ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())) or "none"),
@@ -596,6 +597,19 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
             print(f"logs kept in {workdir}", file=out)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def restart_crashed(services: list[Serve], out) -> int:
+    """Restart (and count) the services that died on their own."""
+    crashed = 0
+    for svc in services:
+        if not svc.alive():
+            crashed += 1
+            tail = "\n".join(svc.log().splitlines()[-5:])
+            log(out, f"{svc.name} CRASHED (exit code {svc.proc.returncode}):\n{tail}")
+            svc.logs.append(svc.log())
+            svc.start(wait_healthy=False)
+    return crashed
 
 
 def inject(kind: str, rng: random.Random, services: list[Serve], nats_server: EmbeddedNats, pg: EmbeddedPostgres) -> None:

@@ -185,3 +185,21 @@ async def test_initial_connect_backs_off_exponentially_up_to_5s(monkeypatch, aut
     gaps = [round(b - a, 6) for a, b in zip(attempts, attempts[1:])]
     assert gaps == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     assert source._js == "js"
+
+
+async def test_a_connection_lost_while_pulling_does_not_escape():
+    """Found by the chaos run: during a NATS restart, publishing a pull request
+    raised ConnectionResetError("Connection lost") out of _refill, and the
+    whole service stopped with exit code 1."""
+    source, nc, receive = make_source(max_in_flight=1000, pull_batch=100)
+
+    async def lost(*args, **kwargs):
+        raise ConnectionResetError("Connection lost")
+
+    nc.publish = lost
+    await source._refill()  # from the run loop's tick
+    assert source._requested == 0, "a request that was not sent is not owed"
+    await source._ack_and_refill([])  # from a writer's ack
+    source._nc = FakeNC()
+    await source._refill()  # the next tick, connected again
+    assert source._requested == 1000
