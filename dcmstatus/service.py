@@ -16,6 +16,7 @@ import trio_asyncio  # isort: skip
 
 import json
 import logging
+import os
 import signal
 from contextlib import AsyncExitStack
 from functools import partial
@@ -218,7 +219,10 @@ def _announce(config: ServeConfig, service: Service) -> None:
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        (data_dir / "runtime.json").write_text(json.dumps(runtime, indent=2) + "\n")
+        # Written aside and renamed: a reader never sees it half-written.
+        partial = data_dir / f".runtime.json.{os.getpid()}"
+        partial.write_text(json.dumps(runtime, indent=2) + "\n")
+        partial.replace(data_dir / "runtime.json")
     except OSError as exc:
         log.warning("could not write %s/runtime.json: %s", data_dir, exc)
     print(
