@@ -52,7 +52,7 @@ def row(url, instance):
 
 
 def test_migrate_is_idempotent(database_url):
-    assert migrate(database_url) == ["0001_initial"]
+    assert migrate(database_url) == ["0001_initial", "0002_hot_status_updates"]
     assert migrate(database_url) == []
 
 
