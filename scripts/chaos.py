@@ -100,13 +100,18 @@ class Serve:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while not runtime.exists():
+        while True:
+            try:
+                # serve writes runtime.json in place: it can be seen empty or half-written.
+                self.http_url = json.loads(runtime.read_text())["http_url"]
+                break
+            except (OSError, ValueError, KeyError):
+                pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError(f"serve did not start:\n{self.log()[-3000:]}")
             time.sleep(0.05)
-        self.http_url = json.loads(runtime.read_text())["http_url"]
         if wait_healthy:
             wait_for(lambda: self.health()[0] == 200, f"{self.name} healthy", timeout)
         return self
@@ -507,7 +512,7 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
             args.instances, args.events, duplicate_rate=args.duplicates, bad_rate=args.bad, seed=args.seed
         )
         prepare_database(database_url, workload.instances)
-        extra = ["--ack-wait", str(args.ack_wait), "--grace-period", "10", "--log-level", "WARNING"]
+        extra = ["--ack-wait", str(args.ack_wait), "--grace-period", "10", "--log-level", args.serve_log_level]
         services = [Serve(workdir, nats_server.url, database_url, *extra, name=f"svc{n}") for n in range(args.replicas)]
         for svc in services:
             svc.start()
@@ -655,6 +660,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ack-wait", type=float, default=3, help="serve --ack-wait (s)")
     p.add_argument("--timeout", type=float, default=300, help="longest wait for publishing and for convergence (s)")
     p.add_argument("--seed", type=int, default=int(time.time()), help="random seed (printed; reuse to replay)")
+    p.add_argument("--serve-log-level", default="WARNING", help="serve --log-level (DEBUG shows tracebacks)")
     p.add_argument("--pg-fsync", action="store_true", help="run PostgreSQL with fsync on")
     p.add_argument("--workdir", default=None, help="parent of the temporary working directory")
     p.add_argument("--keep", action="store_true", help="keep the working directory (always kept on failure)")

@@ -80,6 +80,25 @@ def test_nats_server_restart_mid_stream(tmp_path, nats_server, database_url, ser
     assert svc.terminate() == 0, svc.log()
 
 
+def test_sigterm_while_nats_is_down_exits_0(tmp_path, nats_server, database_url, serve):
+    """Found by the chaos run: SIGTERM during a NATS restart made serve exit 1
+    (nats-py's close() raised ConnectionResetError on the lost transport)."""
+    workload = chaos.make_workload(20, 5, seed=11, bad_rate=0)
+    ready_db(database_url, workload)
+    svc = serve(nats_server.url, database_url, "--ack-wait", ACK_WAIT, "--grace-period", "5")
+    import asyncio
+
+    asyncio.run(chaos.publish_events(nats_server.url, workload.events))
+    wait_for(lambda: all_acked(nats_server.url), "backlog done")
+    nats_server.kill()
+    wait_for(lambda: "disconnected from NATS" in svc.log(), "the service saw the disconnect")
+    try:
+        assert svc.terminate(timeout=30) == 0, svc.log()[-3000:]
+    finally:
+        nats_server.start()
+    assert converged(database_url, workload.expected)
+
+
 @pytest.mark.parametrize("how", ["restart", "kill"])
 def test_postgres_restart_mid_stream(tmp_path, nats_url, pg_server, serve, publisher, how):
     database_url = create_database(pg_server.url, f"faults_{uuid.uuid4().hex[:8]}")
