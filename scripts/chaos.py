@@ -573,7 +573,6 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
                                  f"{sum(workload.bad_by_reason.values())} bad; {result.get('retried', 0)} publishes retried)"),
             ("instances", str(args.instances)),
             ("stream messages", str(state["messages"])),
-            ("redelivered (consumer)", str(state["num_redelivered"])),
             ("faults injected", f"{sum(injected.values())}: " + ", ".join(f"{k}={v}" for k, v in sorted(injected.items()))),
             ("service starts", ", ".join(f"{s.name}={s.starts}" for s in services) + f" ({crashes} after a crash)"),
             ("lost", str(len(lost))),
