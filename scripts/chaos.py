@@ -476,7 +476,7 @@ def compare(expected: dict[str, tuple[str, datetime]], actual: dict[str, tuple[s
     lost, wrong = [], []
     for instance_id, (status, when) in expected.items():
         have = actual.get(instance_id)
-        if have is None or have[1] < when:
+        if have is None or have[1] is None or have[1] < when:  # None: never updated
             lost.append((instance_id, status, when, have))
         elif have[0] != status or have[1] != when:
             wrong.append((instance_id, status, when, have))

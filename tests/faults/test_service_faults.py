@@ -227,7 +227,7 @@ def test_sigterm_during_a_large_backlog_then_restart(tmp_path, nats_url, databas
     grace = 10
     slow = ("--ack-wait", "3", "--writers", "1", "--batch-size", "200", "--grace-period", str(grace))
     first = serve(nats_url, database_url, *slow, name="first")
-    asyncio.run(chaos.publish_core(nats_url, workload.events))
+    asyncio.run(chaos.publish_events(nats_url, workload.events))  # confirmed: all stored
     total = consumer_state(nats_url)["last_seq"]
     assert total == len(workload.events)
     wait_for(lambda: first.metric("dcmstatus_events_received_total") >= 2000, "intake under way")
