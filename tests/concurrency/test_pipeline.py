@@ -125,8 +125,10 @@ async def test_full_batches_go_at_once_and_the_rest_to_the_idle_writer(autojump_
         await trio.sleep(5)
         await send.aclose()
     sizes = [(round(t - start, 3), len(b)) for t, b in store.committed]
-    # No timer involved: the writer is idle again when the last 5 are decoded.
-    assert sizes == [(0.0, 10), (0.0, 10), (0.0, 5)]
+    # The last 5 go at once if the writer is already back in receive() when
+    # they are decoded (trio randomises that order), else at the next look.
+    assert sizes[:2] == [(0.0, 10), (0.0, 10)]
+    assert sizes[2] in ((0.0, 5), (0.25, 5))
     assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 26))
 
 
