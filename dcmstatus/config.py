@@ -81,8 +81,13 @@ class ServeConfig:
     durable: str = _opt("dcmstatus", "durable consumer name, shared by replicas")
     writers: int = _opt(2, "parallel database writers (one connection each)", type=int)
     batch_size: int = _opt(1000, "messages per database transaction at most", type=int)
-    batch_delay_ms: float = _opt(20.0, "longest wait for a batch to fill before it is written", type=float)
+    batch_delay_ms: float = _opt(
+        5.0, "while every writer is busy, how often the filling batch looks again for a free one", type=float
+    )
     max_in_flight: int = _opt(10_000, "messages received but not yet acknowledged, at most", type=int)
+    max_in_flight_bytes: int = _opt(
+        64 * 1024 * 1024, "bytes of message bodies received but not yet acknowledged, at most", type=int
+    )
     ack_wait: float = _opt(30.0, "seconds before NATS redelivers an unacknowledged message", type=float)
     max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
     dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
@@ -120,7 +125,10 @@ class ServeConfig:
                 f"{given} is set but {missing} is not: give both to use running servers, "
                 "or neither to start the embedded ones"
             )
-        for name in ("writers", "batch_size", "max_in_flight", "max_event_bytes", "dead_letter_limit", "max_request_bytes"):
+        for name in (
+            "writers", "batch_size", "max_in_flight", "max_in_flight_bytes", "max_event_bytes", "dead_letter_limit",
+            "max_request_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_in_flight < self.batch_size:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _ACK_TAIL = b" 4\r\n+ACK\r\n"  # the rest of "PUB <reply> 4\r\n+ACK\r\n"
 _encode_json = msgspec.json.Encoder().encode
+_MAX_REQUESTS = 16  # pull requests outstanding at once
 
 
 class NatsSettings(msgspec.Struct, frozen=True):
@@ -50,6 +51,7 @@ class NatsSettings(msgspec.Struct, frozen=True):
     ack_wait: float = 30.0  # seconds before the server redelivers an unacked message
     max_ack_pending: int = 20_000
     max_in_flight: int = 10_000  # our own bound; at most max_ack_pending
+    max_in_flight_bytes: int = 64 * 1024 * 1024  # the same bound in body bytes
     pull_batch: int = 500
     pull_expires: float = 5.0
     check_interval: float = 5.0  # consumer existence check
@@ -73,6 +75,10 @@ class JetStreamSource:
         self._requested = 0
         self._stopping = False
         self._received = 0
+        # Bytes: what is held, per ack token, and what each pull request may bring.
+        self._bytes_in_flight = 0
+        self._sizes: dict[str, int] = {}
+        self._request_bytes = 0  # set once connected (needs the server's max_payload)
         self._intake_closed = False
         self.consumer_ok = False
 
@@ -320,6 +326,9 @@ class JetStreamSource:
             return
         self._in_flight += 1
         self._received += 1
+        size = len(data)
+        self._bytes_in_flight += size
+        self._sizes[reply] = size
         requests = self._requests
         if requests:
             self._requested -= 1
@@ -346,7 +355,11 @@ class JetStreamSource:
         # Checked per message: while the credit is used up (a backlog) this is
         # all the per-message pull logic costs.
         s = self.settings
-        return self._requested < s.pull_batch and self._in_flight + self._requested + s.pull_batch <= s.max_in_flight
+        return (
+            self._requested < s.pull_batch
+            and self._in_flight + self._requested + s.pull_batch <= s.max_in_flight
+            and self._bytes_in_flight + (len(self._requests) + 1) * self._request_bytes <= s.max_in_flight_bytes
+        )
 
     async def _refill(self) -> None:
         """Send pull requests while credit allows."""
@@ -360,9 +373,22 @@ class JetStreamSource:
             remaining, _ = requests.popleft()
             self._requested -= int(remaining)
         self._metrics.in_flight.set(self._in_flight)
+        if not self._request_bytes:
+            # Each request may bring at most this many bytes (max_bytes), and
+            # outstanding requests reserve it: bytes held stay under the budget
+            # whatever the message sizes. Never below one maximal message, or
+            # such a message could never be delivered (and would block the stream).
+            max_payload = getattr(self._nc, "max_payload", 0) or 1024 * 1024
+            self._request_bytes = max(s.max_in_flight_bytes // _MAX_REQUESTS, max_payload)
         try:
-            while self._in_flight + self._requested + s.pull_batch <= s.max_in_flight and len(requests) < 16:
-                body = _encode_json({"batch": s.pull_batch, "expires": int(s.pull_expires * 1e9)})
+            while (
+                self._in_flight + self._requested + s.pull_batch <= s.max_in_flight
+                and self._bytes_in_flight + (len(requests) + 1) * self._request_bytes <= s.max_in_flight_bytes
+                and len(requests) < _MAX_REQUESTS
+            ):
+                body = _encode_json(
+                    {"batch": s.pull_batch, "max_bytes": self._request_bytes, "expires": int(s.pull_expires * 1e9)}
+                )
                 await self._nc.publish(self._next_subject, body, reply=self._inbox)
                 # A little slack past `expires` so a late 408 still finds its request.
                 requests.append([s.pull_batch, now + s.pull_expires + 1.0])
@@ -389,6 +415,8 @@ class JetStreamSource:
             # makes that harmless.
             log.warning("could not send %d acks (%s); they will be redelivered", len(tokens), exc)
         self._in_flight -= len(tokens)
+        pop = self._sizes.pop
+        self._bytes_in_flight -= sum([pop(t, 0) for t in tokens])
         await self._refill()
 
     def _forget_requests(self) -> None:

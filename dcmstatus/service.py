@@ -59,6 +59,7 @@ class Service:
                 ack_wait=config.ack_wait,
                 max_ack_pending=max(config.max_in_flight * 2, 1000),
                 max_in_flight=config.max_in_flight,
+                max_in_flight_bytes=config.max_in_flight_bytes,
                 pull_batch=max(1, min(500, config.max_in_flight // 4)),
             ),
             self.metrics,

@@ -202,3 +202,34 @@ async def test_a_connection_lost_while_pulling_does_not_escape():
     source._nc = FakeNC()
     await source._refill()  # the next tick, connected again
     assert source._requested == 1000
+
+
+async def test_bytes_in_flight_never_exceed_the_byte_budget():
+    # 16 MiB budget, 1 MiB per pull request (the server's max payload): large
+    # bodies stop the pulls long before the message count does.
+    mib = 1024 * 1024
+    source = JetStreamSource(
+        NatsSettings(url="nats://fake", max_in_flight=1000, max_ack_pending=2000, pull_batch=10, max_in_flight_bytes=16 * mib),
+        Metrics(),
+    )
+    nc = FakeNC()
+    source._nc = nc
+    send, receive = trio.open_memory_channel(float("inf"))
+    source._deliveries = send
+    await source._refill()
+    assert len(nc.pulls) == 16 and all(p["max_bytes"] == mib for p in nc.pulls)
+    seq = 0
+    for _ in range(16):  # the server fills each request up to its max_bytes, then ends it
+        for _ in range(2):
+            seq += 1
+            big = SimpleNamespace(headers=None, reply=message(seq).reply, subject="dcm.vm", data=b"x" * (mib // 2))
+            await source._on_message(big)
+            assert source._bytes_in_flight <= 16 * mib
+        source._on_status(status("409", "Message Size Exceeds MaxBytes"))
+    assert source._bytes_in_flight == 16 * mib and source._in_flight == 32
+    await source._refill()
+    assert len(nc.pulls) == 16, "pulled with the byte budget used up"
+    tokens = [receive.receive_nowait().token for _ in range(4)]
+    await source._ack_and_refill(tokens)
+    assert source._bytes_in_flight == 14 * mib
+    assert len(nc.pulls) == 18, "acked bytes were not given back to pull with"
