@@ -234,11 +234,10 @@ class Bench:
 
     # -- 1 and 5: the real service draining a backlog ---------------------------
 
-    def drain(self, name: str, workload: Workload, db_url: str | None = None) -> Part:
+    def _start_service(self, db_url: str) -> tuple[subprocess.Popen, Path]:
+        """`dcmstatus serve` on the bench stream; returns once it consumes
+        (serve writes runtime.json after subscribing)."""
         a = self.args
-        db_url = db_url or self.servers.fresh_database(workload)
-        self.servers.fresh_stream(workload.messages)
-        self.say(f"{name}: {len(workload.messages):,} events published; starting the service")
         data_dir = self.work_dir / f"serve-{uuid.uuid4().hex[:6]}"
         data_dir.mkdir()
         log_path = data_dir / "serve.log"
@@ -248,12 +247,19 @@ class Bench:
              "--durable", "bench", "--http-port", "0", "--data-dir", str(data_dir),
              "--writers", str(a.writers), "--batch-size", str(a.batch_size), "--log-level", "WARNING"],
             stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-        )
+        )  # fmt: skip
+        while not (data_dir / "runtime.json").exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve exited:\n{log_path.read_text()}")
+            time.sleep(0.005)
+        return proc, log_path
+
+    def drain(self, name: str, workload: Workload, db_url: str | None = None) -> Part:
+        db_url = db_url or self.servers.fresh_database(workload)
+        self.servers.fresh_stream(workload.messages)
+        self.say(f"{name}: {len(workload.messages):,} events published; starting the service")
+        proc, log_path = self._start_service(db_url)
         try:
-            while not (data_dir / "runtime.json").exists():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"serve exited:\n{log_path.read_text()}")
-                time.sleep(0.005)
             started = time.monotonic()
             while True:
                 state = asyncio.run(_consumer_state(self.servers.nats_url, "bench"))
@@ -412,20 +418,8 @@ class Bench:
 
         thread = threading.Thread(target=listen, daemon=True)
         thread.start()
-        data_dir = self.work_dir / "serve-latency"
-        data_dir.mkdir()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dcmstatus.cli", "serve", "--nats-url", self.servers.nats_url,
-             "--database-url", db_url, "--stream", STREAM, "--subjects", f"{PREFIX}.*", "--durable", "bench",
-             "--http-port", "0", "--data-dir", str(data_dir), "--writers", str(a.writers),
-             "--batch-size", str(a.batch_size), "--log-level", "WARNING"],
-            stdout=(data_dir / "serve.log").open("w"), stderr=subprocess.STDOUT,
-        )
+        proc, _ = self._start_service(db_url)
         try:
-            while not (data_dir / "runtime.json").exists():
-                if proc.poll() is not None:
-                    raise RuntimeError((data_dir / "serve.log").read_text())
-                time.sleep(0.01)
             self.say(f"latency: offering {a.latency_rate:,}/s for {a.latency_seconds}s")
             sent = asyncio.run(self._offer(workload, total, a.latency_rate))
             deadline = time.time() + 10

@@ -96,8 +96,8 @@ class Pipeline:
         async with trio.open_nursery() as nursery:
             batch_channels = []
             for store in self._stores:
-                # Capacity 0: intake hands a batch over only when a writer is free,
-                # so at most one batch per writer waits while the next one fills.
+                # Capacity 0: a batch is handed only to a writer ready to take it;
+                # the next one fills in the builder meanwhile.
                 send, receive = trio.open_memory_channel[WriteBatch](0)
                 batch_channels.append(send)
                 nursery.start_soon(self._write, store, receive)

@@ -226,8 +226,12 @@ def test_sigterm_during_a_large_backlog_then_restart(tmp_path, nats_url, databas
     ready_db(database_url, workload)
     grace = 10
     slow = ("--ack-wait", "3", "--writers", "1", "--batch-size", "200", "--grace-period", str(grace))
-    first = serve(nats_url, database_url, *slow, name="first")
+    # The backlog is in the stream before the service starts: a service
+    # faster than the publisher must still have one to be stopped in. (The
+    # service uses an existing stream as it is.)
+    asyncio.run(chaos._js_call(nats_url, lambda js: js.add_stream(name=chaos.STREAM, subjects=["dcm.*"])))
     asyncio.run(chaos.publish_events(nats_url, workload.events))  # confirmed: all stored
+    first = serve(nats_url, database_url, *slow, name="first")
     total = consumer_state(nats_url)["last_seq"]
     assert total == len(workload.events)
     wait_for(lambda: first.metric("dcmstatus_events_received_total") >= 2000, "intake under way")
