@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import CONFIG_ENV, ConfigError, add_serve_options, env_name, load_config, render_toml
+from .config import CONFIG_ENV, ConfigError, add_serve_options, env_name, load_config, render_toml, runtime_value
 from .model import REJECTION_REASONS
 
 _DESCRIPTION = """\
@@ -308,7 +308,7 @@ class _ApiClient:
         url = getattr(args, "api_url", None) or env.get(env_name("api_url"))
         if not url:
             data_dir = getattr(args, "data_dir", None) or Path(env.get(env_name("data_dir"), ".dcmstatus"))
-            url = _runtime_value(data_dir, "http_url")
+            url = runtime_value(data_dir, "http_url")
             if not url:
                 raise _UsageError(
                     f"no API URL: found no {data_dir / 'runtime.json'} of a running `dcmstatus serve`; "
@@ -484,7 +484,7 @@ def _migrate(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
     from .db import migrate
 
-    url = args.database_url or _runtime_value(args.data_dir, "database_url")
+    url = args.database_url or runtime_value(args.data_dir, "database_url")
     try:
         if url:
             applied = migrate(url)
@@ -500,14 +500,6 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runtime_value(data_dir: Path, key: str) -> str | None:
-    """A URL of the running `serve` on this data dir, if there is one."""
-    import json
-
-    try:
-        return json.loads((data_dir / "runtime.json").read_text())[key]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 if __name__ == "__main__":

@@ -162,6 +162,16 @@ class ServeConfig:
 _OPTIONS = {f.name: f for f in fields(ServeConfig)}
 
 
+def runtime_value(data_dir: Path, key: str) -> str | None:
+    """`key` of the runtime.json a running `serve` wrote in `data_dir`, if there is one."""
+    import json
+
+    try:
+        return json.loads((data_dir / "runtime.json").read_text())[key]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def env_name(option: str) -> str:
     return "DCMSTATUS_" + option.upper()
 

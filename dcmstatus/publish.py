@@ -6,7 +6,6 @@ through JetStream so the command can say the stream stored it.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +14,8 @@ import nats
 import nats.errors
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
+
+from .config import runtime_value
 
 DEFAULT_SOURCE = "dcm/providers/dcmstatus-cli"
 
@@ -50,16 +51,13 @@ def build_event(
 
 
 def nats_url_from_runtime(data_dir: Path) -> str:
-    runtime = data_dir / "runtime.json"
-    try:
-        return json.loads(runtime.read_text())["nats_url"]
-    except FileNotFoundError:
+    url = runtime_value(data_dir, "nats_url")
+    if url is None:
         raise PublishError(
-            f"no --nats-url given and {runtime} does not exist: start `dcmstatus serve` first "
-            "(it writes that file), or pass --nats-url"
-        ) from None
-    except (ValueError, KeyError) as exc:
-        raise PublishError(f"{runtime} is not a dcmstatus runtime file ({exc}); pass --nats-url") from None
+            f"no --nats-url given and no running `dcmstatus serve` found ({data_dir / 'runtime.json'}): "
+            "start one first (it writes that file), or pass --nats-url"
+        )
+    return url
 
 
 async def publish_event(nats_url: str, subject: str, body: bytes, timeout: float = 5.0) -> int:

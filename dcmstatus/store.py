@@ -173,7 +173,7 @@ class StatusStore:
 
 def _storable(text: str | None) -> str | None:
     """Hostile input must still be recordable: PostgreSQL text takes neither
-    NUL nor lone surrogates, so both become U+FFFD."""
+    NUL (it becomes U+FFFD) nor lone surrogates (they become '?')."""
     if text is None:
         return None
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
