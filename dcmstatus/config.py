@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .catalog import Catalog
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.errors import ConfigError
 
 __all__ = [
     "CONFIG_ENV",
@@ -37,10 +38,6 @@ __all__ = [
 
 CONFIG_ENV = "DCMSTATUS_CONFIG"
 _REDACTED = "***"
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names it and says what to do."""
 
 
 def _opt(

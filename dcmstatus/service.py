@@ -27,16 +27,17 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .catalog import Catalog
-from .config import ServeConfig
-from .db import migrate
-from .decoding import Decoder
-from .http_api import make_app
-from .instances import InstanceStore
-from .metrics import Metrics
-from .nats_source import JetStreamSource, NatsSettings, asyncio_exception_handler
-from .pipeline import Delivery, Pipeline, PipelineSettings
-from .store import StatusStore
+from dcmstatus.adapters.http.app import make_app
+from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.adapters.postgres.instances import InstanceStore
+from dcmstatus.adapters.postgres.schema import migrate
+from dcmstatus.adapters.postgres.writer import StatusStore
+from dcmstatus.config import ServeConfig
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import Decoder
+from dcmstatus.core.model import Delivery
+from dcmstatus.engine.metrics import Metrics
+from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ async def _wait_for_signal(stopped: trio.Event) -> None:
 
 
 async def _start_embedded(config: ServeConfig, stack: AsyncExitStack) -> tuple[str, str]:
-    from .embedded import EmbeddedNats, EmbeddedPostgres
+    from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres
 
     data_dir = config.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

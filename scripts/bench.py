@@ -3,7 +3,7 @@
 
 import sys
 
-from dcmstatus.bench import main
+from dcmstatus.devtools.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,20 +48,20 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import nats
 import psycopg
 
-from dcmstatus.catalog import Catalog
-from dcmstatus.db import migrate
-from dcmstatus.decoding import Decoder
-from dcmstatus.embedded import EmbeddedNats, EmbeddedPostgres, create_database
-from dcmstatus.model import StatusUpdate
+from dcmstatus.adapters.postgres.schema import migrate
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import Decoder
+from dcmstatus.core.model import StatusUpdate
+from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database
 
-T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
 STREAM, DURABLE = "dcm-status", "dcmstatus"
 _json = msgspec.json.Encoder()
 
@@ -84,7 +84,7 @@ class Serve:
         self.log_path = self.workdir / f"{name}.log"
         self.logs: list[str] = []  # the log of each finished run
 
-    def start(self, wait_healthy: bool = True, timeout: float = 60) -> "Serve":
+    def start(self, wait_healthy: bool = True, timeout: float = 60) -> Serve:
         data_dir = self.workdir / self.name
         data_dir.mkdir(parents=True, exist_ok=True)
         runtime = data_dir / "runtime.json"
@@ -92,7 +92,7 @@ class Serve:
         self.starts += 1
         self.log_path = self.workdir / f"{self.name}.{self.starts}.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dcmstatus.cli", "serve", "--nats-url", self.nats_url,
+            [sys.executable, "-m", "dcmstatus", "serve", "--nats-url", self.nats_url,
              "--database-url", self.database_url, "--http-port", "0", "--data-dir", str(data_dir), *self.extra],
             stdout=self.log_path.open("w"),
             stderr=subprocess.STDOUT,
@@ -210,7 +210,7 @@ def wait_for(predicate, what: str, timeout: float = 60, interval: float = 0.1) -
         try:
             if predicate():
                 return
-        except Exception:  # noqa: BLE001 - the condition is re-tried until the deadline
+        except Exception:
             pass
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
@@ -366,14 +366,14 @@ async def publish_events(
                         e = events[i]
                         await nc.publish(e.subject, e.body, reply=f"{inbox}.{i}", headers=e.headers)
                     await nc.flush(timeout=5)
-                except Exception:  # noqa: BLE001 - disconnected: what is unconfirmed goes again
+                except Exception:
                     pass
                 wait_until = time.monotonic() + 3
                 while time.monotonic() < wait_until and not all(i in confirmed for i in todo):
                     changed.clear()
                     try:
                         await asyncio.wait_for(changed.wait(), 0.2)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                 todo = [i for i in todo if i not in confirmed]
                 if todo:
@@ -528,7 +528,7 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
                 result["retried"] = asyncio.run(
                     publish_events(nats_server.url, workload.events, rate=args.rate, progress=progress)
                 )
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 result["error"] = exc
 
         thread = threading.Thread(target=publisher, daemon=True)

@@ -1,4 +1,4 @@
-import trio_asyncio  # noqa: F401  # first: it patches asyncio before psycopg binds it (field notes)
+import trio_asyncio  # noqa: F401  # isort: skip  # first: it patches asyncio before psycopg binds it (field notes)
 
 # Shared fixtures: real PostgreSQL and nats-server for the tests.
 #
@@ -18,7 +18,6 @@ import trio_asyncio  # noqa: F401  # first: it patches asyncio before psycopg bi
 # Embedded PostgreSQL runs with fsync off in tests (commits still survive a
 # kill of the server, not of the machine); DCMSTATUS_TEST_PG_FSYNC=1 turns it on.
 # Tests under tests/integration get the `integration` marker.
-
 import asyncio
 import contextlib
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from dcmstatus.embedded import EmbeddedNats, EmbeddedPostgres, create_database, drop_database
+from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database, drop_database
 
 DCM_SUBJECTS = "dcm.*"
 _INTEGRATION_DIR = Path(__file__).parent / "integration"

@@ -15,9 +15,9 @@ import pytest
 import trio
 import trio.testing
 
-from dcmstatus import nats_source
-from dcmstatus.metrics import Metrics
-from dcmstatus.nats_source import JetStreamSource, NatsSettings
+import dcmstatus.adapters.nats.source as nats_source
+from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings
+from dcmstatus.engine.metrics import Metrics
 
 
 class FakeNC:

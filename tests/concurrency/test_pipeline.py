@@ -4,18 +4,19 @@ autojump: exact times, no sockets, no sleeps in real time."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import trio
 import trio.testing
 
-from dcmstatus.batching import WriteBatch
-from dcmstatus.metrics import Metrics
-from dcmstatus.model import BatchRefused, BatchResult, Rejection, StatusUpdate
-from dcmstatus.pipeline import Delivery, Pipeline, PipelineSettings
+from dcmstatus.core.batching import WriteBatch
+from dcmstatus.core.errors import BatchRefused
+from dcmstatus.core.model import BatchResult, Delivery, Rejection, StatusUpdate
+from dcmstatus.engine.metrics import Metrics
+from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
 
-EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-import chaos  # noqa: E402
+import chaos
 
 _FAULTS_DIR = Path(__file__).parent
 
@@ -50,7 +50,7 @@ class Publisher:
         def run():
             try:
                 self.retried = asyncio.run(chaos.publish_events(url, events, rate=rate, progress=self.progress))
-            except BaseException as exc:  # noqa: BLE001 - reported by join()
+            except BaseException as exc:
                 self.error = exc
 
         self._thread = threading.Thread(target=run, daemon=True)

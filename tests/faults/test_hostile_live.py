@@ -16,13 +16,13 @@ import random
 import threading
 import time
 
-import pytest
-
 import chaos
+import pytest
 from chaos import all_acked, compare, consumer_state, database_state, wait_for
-from dcmstatus.catalog import Catalog
-from dcmstatus.decoding import Decoder
-from dcmstatus.model import REJECTION_REASONS, StatusUpdate
+
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import Decoder
+from dcmstatus.core.model import REJECTION_REASONS, StatusUpdate
 
 HOSTILE = 100_000
 VALID_INSTANCES, VALID_PER_INSTANCE = 500, 10

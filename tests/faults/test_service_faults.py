@@ -14,12 +14,12 @@ import random
 import time
 import uuid
 
+import chaos
 import psycopg
 import pytest
+from chaos import all_acked, compare, consumer_state, converged, database_state, wait_for
 
-import chaos
-from chaos import all_acked, consumer_state, converged, compare, database_state, wait_for
-from dcmstatus.embedded import create_database
+from dcmstatus.devtools.embedded import create_database
 
 ACK_WAIT = "2"
 

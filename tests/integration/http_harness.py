@@ -4,8 +4,6 @@ client (http.client in a worker thread, so nothing in the client is
 trio-aware). Shared by the API, OpenAPI and CLI tests.
 """
 
-import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
-
 import http.client
 import json
 from contextlib import asynccontextmanager
@@ -17,14 +15,15 @@ from urllib.parse import urlencode, urlsplit
 
 import psycopg
 import trio
+import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from psycopg_pool import ConnectionPool
 
-from dcmstatus.db import migrate
-from dcmstatus.http_api import make_app
-from dcmstatus.instances import InstanceStore
-from dcmstatus.metrics import Metrics
+from dcmstatus.adapters.http.app import make_app
+from dcmstatus.adapters.postgres.instances import InstanceStore
+from dcmstatus.adapters.postgres.schema import migrate
+from dcmstatus.engine.metrics import Metrics
 
 BASE = "/api/v1/service-type-instances"
 SERVICE_TYPES = {"vm", "container", "network"}

@@ -8,7 +8,7 @@ import sys
 
 def test_bench_smoke_run_prints_all_parts_and_is_correct(pg_server_url, nats_url):
     out = subprocess.run(
-        [sys.executable, "-m", "dcmstatus.cli", "bench", "--json",
+        [sys.executable, "-m", "dcmstatus", "bench", "--json",
          "--events", "3000", "--instances", "300", "--reference-events", "300",
          "--latency-rate", "200", "--latency-seconds", "2", "--memory-events", "3000",
          "--duplicate-events", "1000", "--nats-url", nats_url, "--database-url", pg_server_url],

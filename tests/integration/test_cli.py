@@ -2,16 +2,15 @@
 (hypercorn + real PostgreSQL, see http_harness). The CLI runs in a worker
 thread, as a terminal user would run it next to the service."""
 
-import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
-
 import json
 from pathlib import Path
 
 import pytest
 import trio
-
-from dcmstatus import cli
+import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
 from http_harness import serve_api
+
+import dcmstatus.cli.commands as cli
 
 
 @pytest.fixture

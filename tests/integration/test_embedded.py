@@ -12,7 +12,7 @@ import pytest
 import trio_asyncio
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
-from dcmstatus.embedded import (
+from dcmstatus.devtools.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
     EmbeddedServerError,

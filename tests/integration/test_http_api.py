@@ -3,8 +3,6 @@ trio on a loopback port, a real PostgreSQL, and a plain HTTP client
 (http.client in a worker thread, so nothing in the client is trio-aware).
 """
 
-import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
-
 import base64
 import http.client
 import json
@@ -15,10 +13,10 @@ from urllib.parse import urlencode
 
 import pytest
 import trio
+import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
+from http_harness import BASE, Api, assert_problem, rfc3339, serve_api
 
-from dcmstatus.http_api import MAX_BODY_BYTES
-
-from http_harness import BASE, Api, Reply, assert_problem, rfc3339, serve_api
+from dcmstatus.adapters.http.app import MAX_BODY_BYTES
 
 
 @pytest.fixture

@@ -7,8 +7,8 @@ import trio_asyncio  # isort: skip
 import nats
 import trio
 
-from dcmstatus.metrics import Metrics
-from dcmstatus.nats_source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.engine.metrics import Metrics
 
 
 async def publish(url: str, count: int, start: int = 0, subject: str = "dcm.vm") -> None:

@@ -11,8 +11,6 @@ The server runs in the test's trio loop (hypercorn, real PostgreSQL, with an
 API token); schemathesis and its HTTP client run in a worker thread.
 """
 
-import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
-
 import json
 from importlib.resources import files
 from typing import Any
@@ -21,6 +19,8 @@ import pytest
 import requests
 import schemathesis
 import trio
+import trio_asyncio  # noqa: F401  # must precede psycopg: it patches asyncio
+from http_harness import BASE, Api, serve_api
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
@@ -32,11 +32,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from dcmstatus.http_api import MAX_BODY_BYTES
-from http_harness import BASE, Api, serve_api
+from dcmstatus.adapters.http.app import MAX_BODY_BYTES
 
 TOKEN = "s3cret-token"
-DOCUMENT = json.loads(files("dcmstatus").joinpath("openapi.json").read_text())
+DOCUMENT = json.loads(files("dcmstatus.adapters.http").joinpath("openapi.json").read_text())
 OPERATIONS = [
     (path, method)
     for path, item in DOCUMENT["paths"].items()

@@ -13,15 +13,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
 import pytest
 
-from dcmstatus.publish import build_event, publish_event
+from dcmstatus.cli.publish import build_event, publish_event
 
-T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
 
 
 class Running:
@@ -76,7 +76,7 @@ def start_service(tmp_path: Path, nats_url: str, database_url: str, *extra: str,
     runtime.unlink(missing_ok=True)
     log_path = data_dir / "serve.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dcmstatus.cli", "serve", "--nats-url", nats_url, "--database-url", database_url,
+        [sys.executable, "-m", "dcmstatus", "serve", "--nats-url", nats_url, "--database-url", database_url,
          "--http-port", "0", "--data-dir", str(data_dir), *extra],
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,

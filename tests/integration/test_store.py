@@ -1,19 +1,18 @@
 """The PostgreSQL write path (dcmstatus.store) and migrations against a real
 PostgreSQL: the ordering guard, unknown instances, outputs, dead letters."""
 
-import trio_asyncio  # noqa: F401  # before psycopg (field notes)
-
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+import trio_asyncio  # noqa: F401  # before psycopg (field notes)
 
-from dcmstatus.batching import BatchBuilder
-from dcmstatus.db import migrate
-from dcmstatus.model import Rejection, StatusUpdate
-from dcmstatus.store import StatusStore
+from dcmstatus.adapters.postgres.schema import migrate
+from dcmstatus.adapters.postgres.writer import StatusStore
+from dcmstatus.core.batching import BatchBuilder
+from dcmstatus.core.model import Rejection, StatusUpdate
 
-T0 = datetime(2026, 4, 9, 13, 8, 32, tzinfo=timezone.utc)
+T0 = datetime(2026, 4, 9, 13, 8, 32, tzinfo=UTC)
 
 
 def update(instance, status, second, seq, *, service_type="vm", message="", outputs=None):

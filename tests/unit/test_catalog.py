@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dcmstatus.catalog import Catalog, ServiceType
+from dcmstatus.core.catalog import Catalog, ServiceType
 
 CONTRACT_STATUSES = {
     "vm": "PROVISIONING RUNNING STOPPING STOPPED PAUSED FAILED DELETING DELETED",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dcmstatus import cli
+import dcmstatus.cli.commands as cli
 from dcmstatus.config import ConfigError, ServeConfig, add_serve_options, load_config, render_toml
 
 

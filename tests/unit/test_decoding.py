@@ -6,18 +6,18 @@ from __future__ import annotations
 import base64
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcmstatus import model
-from dcmstatus.catalog import Catalog
-from dcmstatus.decoding import DEFAULT_MAX_EVENT_BYTES, Decoder, is_json_media_type
-from dcmstatus.model import DEAD_LETTER_BODY_BYTES, Rejection, StatusUpdate
+import dcmstatus.core.model as model
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import DEFAULT_MAX_EVENT_BYTES, Decoder, is_json_media_type
+from dcmstatus.core.model import DEAD_LETTER_BODY_BYTES, Rejection, StatusUpdate
 
-UTC = timezone.utc
+UTC = UTC
 STREAM_NS = 1_786_000_000_123_456_789  # the JetStream message time used by default
 STREAM_TIME = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=STREAM_NS // 1000)
 SEQ = 42

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from cloudevents.core.bindings import http as ce_binding
 from cloudevents.core.formats.json import JSONFormat
@@ -16,14 +16,14 @@ from cloudevents.core.v1.event import CloudEvent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dcmstatus.catalog import Catalog
-from dcmstatus.decoding import MAX_INSTANCE_ID_LENGTH, Decoder
-from dcmstatus.model import REJECTION_REASONS, Rejection, StatusUpdate
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import MAX_INSTANCE_ID_LENGTH, Decoder
+from dcmstatus.core.model import REJECTION_REASONS, Rejection, StatusUpdate
 
 CATALOG = Catalog.default()
 DECODER = Decoder(CATALOG)
 FORMAT = JSONFormat()
-UTC = timezone.utc
+UTC = UTC
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 instance_ids = st.text(

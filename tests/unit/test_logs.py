@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from dcmstatus.batching import BatchBuilder
-from dcmstatus.logs import EventLog, JsonFormatter, setup_logging
-from dcmstatus.model import Rejection, StatusUpdate
+from dcmstatus.core.batching import BatchBuilder
+from dcmstatus.core.model import Rejection, StatusUpdate
+from dcmstatus.engine.logs import EventLog, JsonFormatter, setup_logging
 
 
 class Clock:

@@ -7,9 +7,9 @@ from nats.js.api import ConsumerInfo
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dcmstatus.batching import BatchBuilder
-from dcmstatus.metrics import LAG_BUCKETS, Metrics
-from dcmstatus.model import BatchResult, Rejection, StatusUpdate
+from dcmstatus.core.batching import BatchBuilder
+from dcmstatus.core.model import BatchResult, Rejection, StatusUpdate
+from dcmstatus.engine.metrics import LAG_BUCKETS, Metrics
 
 COMMIT = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
 
@@ -39,7 +39,7 @@ def test_event_lag_histogram_counts_known_instances_per_bucket():
     metrics.observe_batch(batch, BatchResult(applied=6, stale=0, unknown=("gone",)), COMMIT)
 
     s = _samples(metrics, "dcmstatus_event_lag_seconds")
-    bucket = lambda le: s[("dcmstatus_event_lag_seconds_bucket", (("le", le),))]  # noqa: E731
+    bucket = lambda le: s[("dcmstatus_event_lag_seconds_bucket", (("le", le),))]
     assert bucket("0.005") == 2  # bounds are upper bounds (le)
     assert bucket("0.25") == 2
     assert bucket("0.5") == 3

@@ -79,15 +79,15 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import unquote_to_bytes
 
 import msgspec
 from msgspec import Raw
 
-from .catalog import Catalog
-from .model import (
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.model import (
     DEAD_LETTER_BODY_BYTES,
     INVALID_DATA,
     INVALID_ENVELOPE,
@@ -113,7 +113,7 @@ __all__ = [
 DEFAULT_MAX_EVENT_BYTES: Final = 256 * 1024
 MAX_INSTANCE_ID_LENGTH: Final = 253
 
-_UTC: Final = timezone.utc
+_UTC: Final = UTC
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=_UTC)
 _ABSENT: Final = Raw()  # default of Raw fields: member not present
 _NULL: Final = Raw(b"null")
@@ -154,7 +154,7 @@ class _Data(msgspec.Struct):
 class _Reject(Exception):
     """Internal: carries a rejection out of the nested checks."""
 
-    __slots__ = ("reason", "detail", "instance_id")
+    __slots__ = ("detail", "instance_id", "reason")
 
     def __init__(self, reason: str, detail: str, instance_id: str | None = None) -> None:
         self.reason = reason
@@ -166,13 +166,13 @@ class Decoder:
     """Decodes status events against a catalog. Build once and reuse."""
 
     __slots__ = (
+        "_any_decoder",
         "_catalog",
+        "_data_decoder",
+        "_envelope_decoder",
         "_lookups",
         "_max_event_bytes",
-        "_envelope_decoder",
-        "_data_decoder",
         "_time_decoder",
-        "_any_decoder",
     )
 
     def __init__(
@@ -239,7 +239,7 @@ class Decoder:
             return self._rejection(
                 r.reason, r.detail, subject, headers, body, stream_seq, service_type, r.instance_id
             )
-        except Exception as exc:  # noqa: BLE001 - the consumer must never stop on input
+        except Exception as exc:
             return self._rejection(
                 INVALID_ENVELOPE,
                 f"event could not be decoded ({type(exc).__name__}: {_clip(str(exc))})",
@@ -270,7 +270,7 @@ class Decoder:
                 _check_utf8(body, MALFORMED_JSON, "body")
             try:
                 env = self._envelope_decoder.decode(body)
-            except Exception as exc:  # noqa: BLE001 - classified by the helper
+            except Exception as exc:
                 raise self._envelope_error(body, exc) from None
             ce_subject = env.subject
             content_type = env.datacontenttype
@@ -314,7 +314,7 @@ class Decoder:
                 if data_raw:
                     try:
                         data = self._data_decoder.decode(data_raw)
-                    except Exception as exc:  # noqa: BLE001 - classified by the helper
+                    except Exception as exc:
                         raise _data_error(exc, INVALID_DATA) from None
                 if data is None:
                     raise _Reject(INVALID_DATA, "event has no data")
@@ -393,7 +393,7 @@ class Decoder:
             # whole text: find out whether the body is JSON at all.
             try:
                 value = self._any_decoder.decode(body)
-            except Exception as exc2:  # noqa: BLE001
+            except Exception as exc2:
                 if isinstance(exc2, msgspec.ValidationError):
                     return _Reject(INVALID_ENVELOPE, f"body: {exc}")
                 return _json_error(exc2, MALFORMED_JSON, "body")
@@ -414,12 +414,12 @@ class Decoder:
             _check_utf8(payload, syntax_reason, "data")
         try:
             data = self._data_decoder.decode(payload)
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:
             if isinstance(exc, msgspec.ValidationError):
                 # Distinguish "not an object" from "not JSON at all".
                 try:
                     self._any_decoder.decode(payload)
-                except Exception as exc2:  # noqa: BLE001
+                except Exception as exc2:
                     if not isinstance(exc2, msgspec.ValidationError):
                         raise _json_error(exc2, syntax_reason, "data") from None
             raise _data_error(exc, syntax_reason) from None
@@ -501,7 +501,7 @@ class Decoder:
                 service_type=service_type,
                 instance_id=instance_id,
             )
-        except Exception:  # noqa: BLE001 - e.g. a header mapping that fails to iterate
+        except Exception:
             return Rejection(reason, detail, "", 0, None, b"", service_type, instance_id)
 
 

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -43,20 +43,21 @@ import nats.js.errors
 import psycopg
 import trio
 
-from .batching import BatchBuilder, WriteBatch
-from .catalog import Catalog
-from .db import migrate
-from .decoding import Decoder
-from .embedded import EmbeddedNats, EmbeddedPostgres, create_database, drop_database
-from .metrics import Metrics
-from .model import BatchResult, StatusUpdate
-from .nats_source import JetStreamSource, NatsSettings, asyncio_exception_handler
-from .pipeline import Pipeline, PipelineSettings
-from .store import StatusStore
+from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.adapters.postgres.schema import migrate
+from dcmstatus.adapters.postgres.writer import StatusStore
+from dcmstatus.core.batching import BatchBuilder, WriteBatch
+from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import Decoder
+from dcmstatus.core.model import BatchResult, StatusUpdate
+from dcmstatus.devtools.bench_options import add_arguments
+from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database, drop_database
+from dcmstatus.engine.metrics import Metrics
+from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
 
 STREAM = "dcmstatus-bench"
 PREFIX = "dcmbench"
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 # (service type, share of instances, statuses providers report, source) — the
 # shapes of publishers.md: kubevirt's mixed-case phases, ACM's aliases, networks' outputs.
@@ -242,7 +243,7 @@ class Bench:
         data_dir.mkdir()
         log_path = data_dir / "serve.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dcmstatus.cli", "serve", "--nats-url", self.servers.nats_url,
+            [sys.executable, "-m", "dcmstatus", "serve", "--nats-url", self.servers.nats_url,
              "--database-url", db_url, "--stream", STREAM, "--subjects", f"{PREFIX}.*",
              "--durable", "bench", "--http-port", "0", "--data-dir", str(data_dir),
              "--writers", str(a.writers), "--batch-size", str(a.batch_size), "--log-level", "WARNING"],
@@ -551,22 +552,6 @@ def _table(parts: list[Part], summary: dict) -> str:
     )
     lines.append(f"machine: {summary['machine']}; wall time {summary['wall_seconds']}s")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--events", type=int, default=200_000, help="backlog size [default 200000]")
-    parser.add_argument("--instances", type=int, default=10_000, help="instances the events spread over [default 10000]")
-    parser.add_argument("--duplicate-ratio", type=float, default=0.5, help="share of same-status re-publishes [default 0.5]")
-    parser.add_argument("--reference-events", type=int, default=20_000, help="events for the reference design [default 20000]")
-    parser.add_argument("--latency-rate", type=int, default=2000, help="offered events/s for the latency part [default 2000]")
-    parser.add_argument("--latency-seconds", type=float, default=30, help="duration of the latency part [default 30]")
-    parser.add_argument("--memory-events", type=int, default=1_000_000, help="backlog of the memory part [default 1000000]")
-    parser.add_argument("--duplicate-events", type=int, default=50_000, help="events of each duplicate-cost drain [default 50000]")
-    parser.add_argument("--writers", type=int, default=2, help="the service's --writers [default 2]")
-    parser.add_argument("--batch-size", type=int, default=1000, help="the service's --batch-size [default 1000]")
-    parser.add_argument("--nats-url", help="use this NATS server (default: start an embedded one)")
-    parser.add_argument("--database-url", help="use this PostgreSQL server; the bench creates and drops its own databases")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def main(argv: list[str] | None = None) -> int:

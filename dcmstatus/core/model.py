@@ -8,7 +8,7 @@ types, so the core can be tested without servers.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -37,6 +37,17 @@ REJECTION_REASONS: Final = (
 
 # How much of a rejected body the dead-letter record keeps.
 DEAD_LETTER_BODY_BYTES: Final = 4096
+
+
+class Delivery(msgspec.Struct, gc=False):
+    """One message as taken from the stream, before decoding."""
+
+    subject: str
+    headers: dict[str, str] | None
+    body: bytes
+    stream_seq: int
+    stream_time_ns: int
+    token: Any  # what the source needs to ack it (the JetStream reply subject)
 
 
 class StatusUpdate(msgspec.Struct, frozen=True, gc=False):
@@ -81,9 +92,3 @@ class BatchResult(msgspec.Struct, frozen=True):
 
     def __add__(self, other: BatchResult) -> BatchResult:
         return BatchResult(self.applied + other.applied, self.stale + other.stale, self.unknown + other.unknown)
-
-
-class BatchRefused(Exception):
-    """The store will never commit this batch as it is: something in it is
-    refused (a value a column rejects, a trigger's veto). Retrying the same
-    batch cannot help; isolating the event at fault can."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Generic, TypeVar
 
-from .model import Decision, Rejection, StatusUpdate
+from dcmstatus.core.model import Decision, Rejection, StatusUpdate
 
 Token = TypeVar("Token")
 
@@ -24,7 +24,7 @@ Token = TypeVar("Token")
 class WriteBatch(Generic[Token]):
     """One transaction's worth of work for one writer."""
 
-    __slots__ = ("shard", "updates", "rejections", "tokens", "superseded")
+    __slots__ = ("rejections", "shard", "superseded", "tokens", "updates")
 
     def __init__(
         self,
@@ -70,7 +70,7 @@ class WriteBatch(Generic[Token]):
 
 
 class _Shard:
-    __slots__ = ("newest", "rejections", "tokens", "superseded")
+    __slots__ = ("newest", "rejections", "superseded", "tokens")
 
     def __init__(self) -> None:
         self.newest: dict[tuple[str, str], StatusUpdate] = {}

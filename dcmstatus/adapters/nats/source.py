@@ -33,8 +33,8 @@ import trio
 import trio_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
-from .metrics import Metrics
-from .pipeline import Delivery
+from dcmstatus.core.model import Delivery
+from dcmstatus.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

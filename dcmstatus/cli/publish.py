@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nats
@@ -15,13 +15,10 @@ import nats.errors
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from .config import runtime_value
+from dcmstatus.config import runtime_value
+from dcmstatus.core.errors import PublishError
 
 DEFAULT_SOURCE = "dcm/providers/dcmstatus-cli"
-
-
-class PublishError(Exception):
-    """A failure the user can act on; the message says how."""
 
 
 def build_event(
@@ -43,7 +40,7 @@ def build_event(
             "type": f"dcm.status.{service_type}",
             "subject": f"dcm.{service_type}",
             "datacontenttype": "application/json",
-            "time": time or datetime.now(timezone.utc),
+            "time": time or datetime.now(UTC),
         },
         data,
     )

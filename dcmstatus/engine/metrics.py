@@ -21,11 +21,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .model import REJECTION_REASONS
+from dcmstatus.core.model import REJECTION_REASONS
 
 if TYPE_CHECKING:
-    from .batching import WriteBatch
-    from .model import BatchResult
+    from dcmstatus.core.batching import WriteBatch
+    from dcmstatus.core.model import BatchResult
 
 # Event lag spans a healthy sub-second pipeline to a backlog hours deep.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600)

@@ -74,7 +74,7 @@ _DEFAULT_TYPES: Final = (
 class Catalog:
     """An immutable set of service types with precomputed status lookups."""
 
-    __slots__ = ("_types", "_lookups")
+    __slots__ = ("_lookups", "_types")
 
     def __init__(self, service_types: Iterable[ServiceType]) -> None:
         types: dict[str, ServiceType] = {}

@@ -50,13 +50,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from dcmstatus.core.errors import EmbeddedServerError
+
 log = logging.getLogger(__name__)
 
 _POLL = 0.01  # seconds between readiness probes
-
-
-class EmbeddedServerError(RuntimeError):
-    """An embedded server could not be started (the message has its log tail)."""
 
 
 # --------------------------------------------------------------------- ports

@@ -26,23 +26,21 @@ from typing import Any, Protocol
 import msgspec
 import trio
 
-from .batching import BatchBuilder, WriteBatch
-from .logs import EventLog
-from .metrics import Metrics
-from .model import DEAD_LETTER_BODY_BYTES, INVALID_DATA, BatchRefused, BatchResult, Decision, Rejection, StatusUpdate
+from dcmstatus.core.batching import BatchBuilder, WriteBatch
+from dcmstatus.core.errors import BatchRefused
+from dcmstatus.core.model import (
+    DEAD_LETTER_BODY_BYTES,
+    INVALID_DATA,
+    BatchResult,
+    Decision,
+    Delivery,
+    Rejection,
+    StatusUpdate,
+)
+from dcmstatus.engine.logs import EventLog
+from dcmstatus.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-
-class Delivery(msgspec.Struct, gc=False):
-    """One message as taken from the stream, before decoding."""
-
-    subject: str
-    headers: dict[str, str] | None
-    body: bytes
-    stream_seq: int
-    stream_time_ns: int
-    token: Any  # what the source needs to ack it (the JetStream reply subject)
 
 
 class Source(Protocol):

@@ -13,9 +13,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import CONFIG_ENV, ConfigError, add_serve_options, env_name, load_config, render_toml, runtime_value
-from .model import REJECTION_REASONS
+from dcmstatus import __version__
+from dcmstatus.cli.client import ApiClient
+from dcmstatus.cli.tables import footer, instance_details, short, table
+from dcmstatus.config import (
+    CONFIG_ENV,
+    ConfigError,
+    add_serve_options,
+    env_name,
+    load_config,
+    render_toml,
+    runtime_value,
+)
+from dcmstatus.core.errors import ApiError, UsageError
+from dcmstatus.core.model import REJECTION_REASONS
 
 _DESCRIPTION = """\
 dcmstatus keeps the status of DCM service-type instances in PostgreSQL current
@@ -49,13 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
-    except _UsageError as exc:
+    except UsageError as exc:
         print(f"dcmstatus {args.command}: {exc}", file=sys.stderr)
         return 2
-
-
-class _UsageError(Exception):
-    pass
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "ceilings, the one-UPDATE-per-event reference design, latency at a fixed rate, peak memory, "
         "and what a duplicate costs; prints a table (or --json). Starts its own servers unless given URLs.",
     )
-    from .bench import add_arguments as add_bench_arguments
+    from dcmstatus.devtools.bench_options import add_arguments as add_bench_arguments
 
     add_bench_arguments(bench)
     bench.set_defaults(run=_bench)
@@ -186,7 +193,7 @@ def _rfc3339(text: str) -> datetime:
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
-    from .logs import setup_logging
+    from dcmstatus.engine.logs import setup_logging
 
     setup_logging(level, fmt)
 
@@ -195,7 +202,7 @@ def _load_config(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
     try:
         return load_config(args)
     except ConfigError as exc:
-        raise _UsageError(exc) from None
+        raise UsageError(exc) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -203,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
     _setup_logging(config.log_level, config.log_format)
     import trio
 
-    from .service import serve
+    from dcmstatus.service import serve
 
     try:
         return trio.run(serve, config, config.catalog())
@@ -223,7 +230,7 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from .publish import DEFAULT_SOURCE, PublishError, build_event, nats_url_from_runtime, publish
+    from dcmstatus.cli.publish import DEFAULT_SOURCE, PublishError, build_event, nats_url_from_runtime, publish
 
     try:
         url = args.nats_url or nats_url_from_runtime(args.data_dir)
@@ -231,14 +238,14 @@ def _publish(args: argparse.Namespace) -> int:
         subject = f"dcm.{args.service_type}"
         seq = publish(url, subject, body)
     except PublishError as exc:
-        raise _UsageError(exc) from None
+        raise UsageError(exc) from None
     print(f"published {args.status} for {args.service_type} instance {args.instance} on {subject} (stream sequence {seq})")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     _setup_logging("WARNING")
-    from .bench import run
+    from dcmstatus.devtools.bench import run
 
     return run(args)
 
@@ -254,14 +261,6 @@ def _config(args: argparse.Namespace) -> int:
 
 
 # --- terminal clients of the HTTP API -------------------------------------------
-
-
-class _ApiError(Exception):
-    """The API answered with an error, or could not be reached."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _add_api_client_options(parser: argparse.ArgumentParser, *, limit: bool = True) -> None:
@@ -302,93 +301,10 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-class _ApiClient:
-    def __init__(self, args: argparse.Namespace) -> None:
-        env = os.environ
-        url = getattr(args, "api_url", None) or env.get(env_name("api_url"))
-        if not url:
-            data_dir = getattr(args, "data_dir", None) or Path(env.get(env_name("data_dir"), ".dcmstatus"))
-            url = runtime_value(data_dir, "http_url")
-            if not url:
-                raise _UsageError(
-                    f"no API URL: found no {data_dir / 'runtime.json'} of a running `dcmstatus serve`; "
-                    f"start one, or give --api-url (or {env_name('api_url')})"
-                )
-        self.url = url.rstrip("/")
-        self.token = self._token(args, env)
-        self.timeout = 30.0
-
-    @staticmethod
-    def _token(args: argparse.Namespace, env: Any) -> str | None:
-        path = getattr(args, "api_token_file", None) or env.get(env_name("api_token_file"))
-        if path:
-            try:
-                token = Path(path).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise _UsageError(f"cannot read the API token file {path}: {exc.strerror or exc}") from None
-            if not token:
-                raise _UsageError(f"the API token file {path} is empty")
-            return token
-        return env.get(env_name("api_token")) or None
-
-    def get(self, path: str, query: dict[str, Any] | None = None) -> Any:
-        import urllib.error
-        import urllib.request
-        from urllib.parse import urlencode
-
-        target = f"{self.url}{path}"
-        query = {k: v for k, v in (query or {}).items() if v is not None}
-        if query:
-            target += "?" + urlencode(query)
-        request = urllib.request.Request(target, headers={"accept": "application/json"})
-        if self.token:
-            request.add_header("authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise self._problem(exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise _ApiError(
-                f"cannot reach the API at {self.url} ({reason}); is `dcmstatus serve` running there? "
-                f"Check --api-url or {env_name('api_url')}"
-            ) from None
-        except ValueError:
-            raise _ApiError(f"{target} did not answer with JSON; is {self.url} a dcmstatus service?") from None
-
-    def _problem(self, exc: Any) -> _ApiError:
-        try:
-            detail = json.loads(exc.read()).get("detail") or exc.reason
-        except (ValueError, AttributeError, OSError):
-            detail = exc.reason
-        if exc.code == 401:
-            hint = (
-                "the token was refused: check it"
-                if self.token
-                else f"the service needs an API token: set {env_name('api_token')} or --api-token-file"
-            )
-            return _ApiError(f"{detail} ({hint})", 401)
-        return _ApiError(f"{detail} (HTTP {exc.code})", exc.code)
-
-    def pages(self, path: str, key: str, query: dict[str, Any], limit: int) -> tuple[list[dict[str, Any]], bool]:
-        """Up to `limit` items, following next_page_token; and whether more exist."""
-        items: list[dict[str, Any]] = []
-        token = None
-        while True:
-            page = self.get(path, {**query, "max_page_size": min(100, limit - len(items)), "page_token": token})
-            items += page[key]
-            token = page.get("next_page_token")
-            if token is None:
-                return items, False
-            if len(items) >= limit:
-                return items, True
-
-
 def _run_client(args: argparse.Namespace, body: Any) -> int:
     try:
-        return body(_ApiClient(args))
-    except _ApiError as exc:
+        return body(ApiClient(args))
+    except ApiError as exc:
         print(f"dcmstatus {args.command}: {exc}", file=sys.stderr)
         return 1
 
@@ -396,12 +312,12 @@ def _run_client(args: argparse.Namespace, body: Any) -> int:
 def _instances(args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
 
-    def run(client: _ApiClient) -> int:
+    def run(client: ApiClient) -> int:
         from urllib.parse import quote
 
         if args.action == "get":
             instance = client.get(f"/api/v1/service-type-instances/{quote(args.id, safe='')}")
-            print(json.dumps(instance, indent=2) if as_json else _instance_details(instance))
+            print(json.dumps(instance, indent=2) if as_json else instance_details(instance))
             return 0
         query = {
             "service_type": getattr(args, "service_type", None),
@@ -414,11 +330,11 @@ def _instances(args: argparse.Namespace) -> int:
             print(json.dumps(items, indent=2))
             return 0
         rows = [
-            (i["id"], i["service_type"], i["status"], i["provider_name"], i["status_time"] or "-", _short(i["status_message"]))
+            (i["id"], i["service_type"], i["status"], i["provider_name"], i["status_time"] or "-", short(i["status_message"]))
             for i in items
         ]
-        print(_table(("ID", "TYPE", "STATUS", "PROVIDER", "STATUS TIME", "MESSAGE"), rows), end="")
-        _footer(len(items), more, "instance", "instances")
+        print(table(("ID", "TYPE", "STATUS", "PROVIDER", "STATUS TIME", "MESSAGE"), rows), end="")
+        footer(len(items), more, "instance", "instances")
         return 0
 
     return _run_client(args, run)
@@ -427,7 +343,7 @@ def _instances(args: argparse.Namespace) -> int:
 def _rejected(args: argparse.Namespace) -> int:
     as_json = getattr(args, "json", False)
 
-    def run(client: _ApiClient) -> int:
+    def run(client: ApiClient) -> int:
         items, more = client.pages(
             "/api/v1/rejected-events", "rejected_events", {"reason": args.reason}, getattr(args, "limit", 100)
         )
@@ -436,66 +352,32 @@ def _rejected(args: argparse.Namespace) -> int:
             return 0
         rows = [
             (str(e["id"]), e["receive_time"], e["reason"], e["subject"], str(e["stream_seq"]),
-             e["instance_id"] or "-", _short(e["detail"]))
+             e["instance_id"] or "-", short(e["detail"]))
             for e in items
         ]
-        print(_table(("ID", "RECEIVED", "REASON", "SUBJECT", "SEQ", "INSTANCE", "DETAIL"), rows), end="")
-        _footer(len(items), more, "rejected event", "rejected events")
+        print(table(("ID", "RECEIVED", "REASON", "SUBJECT", "SEQ", "INSTANCE", "DETAIL"), rows), end="")
+        footer(len(items), more, "rejected event", "rejected events")
         return 0
 
     return _run_client(args, run)
 
 
-def _short(text: str, width: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    if not rows:
-        return ""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _footer(count: int, more: bool, one: str, many: str) -> None:
-    if count == 0:
-        print(f"no {many}")
-    elif more:
-        print(f"({count} {many} shown; more exist: raise --limit or narrow the filters)", file=sys.stderr)
-
-
-def _instance_details(i: dict[str, Any]) -> str:
-    fields = [
-        ("id", i["id"]), ("service type", i["service_type"]), ("status", i["status"]),
-        ("status message", i["status_message"]), ("status time", i["status_time"] or "-"),
-        ("name", i["name"]), ("agent", i["agent_name"]), ("provider", i["provider_name"]),
-        ("created", i["create_time"]), ("updated", i["update_time"]),
-        ("spec", json.dumps(i["spec"], sort_keys=True)),
-        ("outputs", "-" if i["outputs"] is None else json.dumps(i["outputs"], sort_keys=True)),
-    ]
-    width = max(len(k) for k, _ in fields)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in fields)
-
-
 def _migrate(args: argparse.Namespace) -> int:
     _setup_logging("INFO")
-    from .db import migrate
+    from dcmstatus.adapters.postgres.schema import migrate
 
     url = args.database_url or runtime_value(args.data_dir, "database_url")
     try:
         if url:
             applied = migrate(url)
         else:
-            from .embedded import EmbeddedPostgres
+            from dcmstatus.devtools.embedded import EmbeddedPostgres
 
             args.data_dir.mkdir(parents=True, exist_ok=True)
             with EmbeddedPostgres(args.data_dir.resolve()) as postgres:
                 applied = migrate(postgres.url)
     except Exception as exc:
-        raise _UsageError(f"migration failed: {exc}") from None
+        raise UsageError(f"migration failed: {exc}") from None
     print(f"applied {', '.join(applied)}" if applied else "schema is already current")
     return 0
 

@@ -29,10 +29,10 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
-from .model import Rejection, StatusUpdate
+from dcmstatus.core.model import Rejection, StatusUpdate
 
 if TYPE_CHECKING:
-    from .batching import WriteBatch
+    from dcmstatus.core.batching import WriteBatch
 
 __all__ = ["LOG_FORMATS", "EventLog", "JsonFormatter", "setup_logging"]
 

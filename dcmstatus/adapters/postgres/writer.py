@@ -18,8 +18,9 @@ import psycopg
 import psycopg.errors
 import trio
 
-from .batching import WriteBatch
-from .model import BatchRefused, BatchResult
+from dcmstatus.core.batching import WriteBatch
+from dcmstatus.core.errors import BatchRefused
+from dcmstatus.core.model import BatchResult
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,9 @@ import msgspec
 import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from .instances import Instance, InstanceExists, InstanceStore, InvalidInput, RejectedEvent
-from .model import REJECTION_REASONS
+from dcmstatus.adapters.postgres.instances import Instance, InstanceStore, RejectedEvent
+from dcmstatus.core.errors import InstanceExists, InvalidInput
+from dcmstatus.core.model import REJECTION_REASONS
 
 __all__ = ["MAX_BODY_BYTES", "OPENAPI_DOCUMENT", "make_app"]
 
@@ -568,5 +569,5 @@ def make_app(
         service_types = catalog_service_types
     else:
         fixed = frozenset(catalog_service_types)
-        service_types = lambda: fixed  # noqa: E731
+        service_types = lambda: fixed
     return _Api(store, service_types, health, metrics_registry, page_token_key, api_token, max_body_bytes)

@@ -25,6 +25,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from dcmstatus.core.errors import InstanceExists, InvalidInput
+
 __all__ = [
     "Instance",
     "InstanceExists",
@@ -32,19 +34,6 @@ __all__ = [
     "InvalidInput",
     "RejectedEvent",
 ]
-
-
-class InstanceExists(Exception):
-    """`create` was given an id that is already taken."""
-
-    def __init__(self, instance_id: str) -> None:
-        super().__init__(f"instance {instance_id!r} already exists")
-        self.instance_id = instance_id
-
-
-class InvalidInput(ValueError):
-    """PostgreSQL refused a value given to `create`: a NUL character, a JSON
-    document it cannot store (e.g. the escape \\u0000), nesting too deep."""
 
 
 class Instance(msgspec.Struct, frozen=True):

@@ -1,0 +1,3 @@
+"""Thin adapters between the engine and the outside: NATS JetStream,
+PostgreSQL and HTTP.
+"""

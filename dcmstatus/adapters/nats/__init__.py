@@ -1,0 +1,2 @@
+"""The NATS JetStream adapter.
+"""

@@ -1,0 +1,3 @@
+"""The PostgreSQL adapter: schema migrations, the status writer and the
+API's instance store.
+"""

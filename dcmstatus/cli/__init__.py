@@ -1,0 +1,5 @@
+"""The `dcmstatus` command line."""
+
+from dcmstatus.cli.commands import main
+
+__all__ = ["main"]

@@ -1,0 +1,3 @@
+"""Developer tools, imported only when used: the embedded servers and the
+benchmark.
+"""
