@@ -97,3 +97,9 @@ async def test_page_token_forged_with_the_former_public_key_is_refused(database_
         assert (await api.list_ids({"page_token": genuine}))[0] == ["f2"]
         forged = PageTokens(b"dcmstatus/page-token/v1").encode(cursor)
         assert_problem(await api.request("GET", f"{BASE}?page_token={forged}"), 400)
+
+
+async def test_configured_token_with_surrounding_whitespace_matches(database_url):
+    async with serve_api(database_url, api_token=" tok-3n\n") as api:
+        reply = await api.request("GET", BASE, headers={"authorization": "Bearer tok-3n"})
+        assert reply.status == 200, reply.body

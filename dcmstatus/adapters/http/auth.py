@@ -34,7 +34,7 @@ class BearerToken:
         open_paths: Collection[tuple[str, ...]],
     ) -> None:
         self.app = app
-        self._token = token.encode("utf-8")
+        self._token = token.strip().encode("utf-8")  # as the header is: surrounding blanks never arrive
         self._protected_roots = frozenset(protected_roots)
         self._open_paths = frozenset(open_paths)
 
