@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 CONFIG_ENV = "DCMSTATUS_CONFIG"
+# A shorter page token secret could be guessed from the tokens a client sees.
+MIN_SECRET_CHARS = 16
 _REDACTED = "***"
 
 
@@ -102,6 +104,15 @@ class ServeConfig:
     api_token: str | None = _opt(
         None, "the API token itself (environment or config file only, never a flag)", secret=True, flag=False
     )
+    page_token_secret_file: Path | None = _opt(
+        None,
+        "file holding the secret that signs page tokens; replicas behind one URL need the same one "
+        "(without it or the secret itself: <data-dir>/page-token.key, created on first start)",
+        type=Path,
+    )
+    page_token_secret: str | None = _opt(
+        None, "the page token secret itself (environment or config file only, never a flag)", secret=True, flag=False
+    )
     # `[service_types.<name>]` tables of the config file, merged into the
     # contract's catalog (CONTRACT §4); not a flag or environment variable.
     service_types: Mapping[str, Any] = field(default_factory=dict, metadata={"flag": False, "env": False})
@@ -138,6 +149,11 @@ class ServeConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.api_token is not None and not self.api_token.strip():
             raise ValueError("the API token is empty: set a non-empty one or none")
+        if self.page_token_secret is not None and len(self.page_token_secret.strip()) < MIN_SECRET_CHARS:
+            raise ValueError(
+                f"the page token secret is shorter than {MIN_SECRET_CHARS} characters: use a long random one, "
+                "e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         try:
             self.catalog()
         except ValueError as exc:
@@ -244,7 +260,7 @@ def load_config(
         else:
             sources[name] = "default"
     config = ServeConfig(**values)
-    config = _with_token_from_file(config, sources)
+    config = _with_secrets_from_files(config, sources)
     try:
         config.validate()
     except ValueError as exc:
@@ -310,23 +326,32 @@ def _check_choice(f: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _with_token_from_file(config: ServeConfig, sources: dict[str, str]) -> ServeConfig:
-    path = config.api_token_file
-    if path is None:
-        return config
-    if config.api_token is not None:
-        raise ConfigError(
-            f"both an API token ({sources['api_token']}) and --api-token-file ({sources['api_token_file']}) "
-            "are set: keep one"
-        )
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the API token file {path}: {getattr(exc, 'strerror', None) or exc}") from None
-    if not token:
-        raise ConfigError(f"the API token file {path} is empty: put the token in it")
-    sources["api_token"] = f"file {path}"
-    return replace(config, api_token=token)
+# Secrets given as a value or as a file holding it: (option, what the messages call it).
+_SECRETS = (("api_token", "API token"), ("page_token_secret", "page token secret"))
+
+
+def _with_secrets_from_files(config: ServeConfig, sources: dict[str, str]) -> ServeConfig:
+    """Each secret read from its file when one is named, and stripped either
+    way: a newline from `echo` or a secret mount is no part of a token, and a
+    token in the environment must match the same as one in a file."""
+    for name, what in _SECRETS:
+        value, path = getattr(config, name), getattr(config, f"{name}_file")
+        if path is not None:
+            if value is not None:
+                raise ConfigError(
+                    f"both the {what} ({sources[name]}) and {_flag(name)}-file ({sources[f'{name}_file']}) "
+                    "are set: keep one"
+                )
+            try:
+                value = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read the {what} file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+            if not value.strip():
+                raise ConfigError(f"the {what} file {path} is empty: put the {what} in it")
+            sources[name] = f"file {path}"
+        if value is not None:
+            config = replace(config, **{name: value.strip()})
+    return config
 
 
 # --- showing the effective configuration ------------------------------------------
@@ -352,7 +377,7 @@ def render_toml(config: ServeConfig, sources: Mapping[str, str]) -> str:
         source = sources.get(name, "default")
         if value is None:
             lines.append(f"# {name} is not set ({source})")
-        elif _OPTIONS[name].metadata["secret"] and name == "api_token":
+        elif _OPTIONS[name].metadata["secret"] and not name.endswith("_url"):
             lines.append(f"# {name} = {_REDACTED!r} ({source}; redacted)")
         else:
             lines.append(f"{name} = {_toml_value(value)}  # {source}")

@@ -1,7 +1,7 @@
 """The supervisor of `dcmstatus serve`: owns the one trio nursery, the start-up
 order and the shutdown.
 
-Start-up: (embedded servers) → database migrations → HTTP server → NATS
+Start-up: page token secret → (embedded servers) → database migrations → HTTP server → NATS
 stream and consumer → consuming. Each long-running task reports readiness
 through `task_status`, so nothing starts before what it depends on.
 
@@ -28,6 +28,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from dcmstatus.adapters.http.app import make_app
+from dcmstatus.adapters.http.page_tokens import load_or_create_secret
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
@@ -41,12 +42,26 @@ from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
 
 log = logging.getLogger(__name__)
 
+# Where the page token secret is kept when none is configured (docs/security.md).
+PAGE_TOKEN_KEY_FILE = "page-token.key"
+
+
+def page_token_secret(config: ServeConfig) -> bytes:
+    """The configured page token secret, or the one kept in the data
+    directory (made on first start, reused after)."""
+    if config.page_token_secret is not None:
+        return config.page_token_secret.encode("utf-8")
+    return load_or_create_secret(Path(config.data_dir) / PAGE_TOKEN_KEY_FILE)
+
 
 class Service:
     """One running dcmstatus: its parts, and the health view over them."""
 
-    def __init__(self, config: ServeConfig, nats_url: str, database_url: str, catalog: Catalog) -> None:
+    def __init__(
+        self, config: ServeConfig, nats_url: str, database_url: str, catalog: Catalog, page_token_secret: bytes
+    ) -> None:
         self.config = config
+        self.page_token_secret = page_token_secret
         self.nats_url = nats_url
         self.database_url = database_url
         self.catalog = catalog
@@ -118,6 +133,7 @@ class Service:
                     set(self.catalog.service_types()),
                     self.health,
                     self.metrics.registry,
+                    page_token_secret=self.page_token_secret,
                     api_token=config.api_token,
                     max_body_bytes=config.max_request_bytes,
                 )
@@ -157,6 +173,7 @@ class Service:
 async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
     """`dcmstatus serve`: returns the exit code."""
     catalog = catalog or Catalog.default()
+    secret = page_token_secret(config)  # before anything starts: a bad one is a config error
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(asyncio_exception_handler)
         async with AsyncExitStack() as stack:
@@ -167,7 +184,7 @@ async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
             applied = await trio.to_thread.run_sync(migrate, database_url)
             log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
 
-            service = Service(config, nats_url, database_url, catalog)
+            service = Service(config, nats_url, database_url, catalog, secret)
             stopped = trio.Event()
             # runtime.json describes a running service: it goes when we go.
             stack.callback((Path(config.data_dir) / "runtime.json").unlink, missing_ok=True)

@@ -45,7 +45,7 @@ class ApiClient:
             if not token:
                 raise UsageError(f"the API token file {path} is empty")
             return token
-        return env.get(env_name("api_token")) or None
+        return (env.get(env_name("api_token")) or "").strip() or None  # as the server and the file do
 
     def get(self, path: str, query: dict[str, Any] | None = None) -> Any:
         import urllib.error

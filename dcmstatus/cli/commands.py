@@ -214,6 +214,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         return trio.run(serve, config, config.catalog())
+    except ConfigError as exc:  # found at start-up (e.g. an unreadable page token secret)
+        raise UsageError(exc) from None
     except Exception as exc:  # one readable line; the traceback is in the DEBUG log
         logging.getLogger("dcmstatus").debug("serve failed", exc_info=True)
         causes = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))

@@ -17,7 +17,7 @@ layer above an adapter ever imports a driver to handle its failures.
     └── UsageError             a command was given something it cannot use (exit 2)
 
 Internal control flow (the decoder's rejection signal, an HTTP problem while
-handling one request) uses private exceptions that never leave their module.
+handling one request) uses private exceptions that never leave the layer that raises them.
 """
 
 from __future__ import annotations

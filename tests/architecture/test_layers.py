@@ -104,3 +104,15 @@ def test_no_relative_imports() -> None:
         if isinstance(node, ast.ImportFrom) and node.level
     ]
     assert not offenders, offenders
+
+
+def test_http_layer_never_imports_the_database_driver() -> None:
+    """The store translates driver failures (StoreUnavailable, InvalidInput,
+    InstanceExists); the HTTP layer maps those, and never psycopg's own."""
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)} imports {name}"
+        for path in sorted((PACKAGE / "adapters" / "http").rglob("*.py"))
+        for name in _imports_of(path)
+        if _top(name) in ("psycopg", "psycopg_pool")
+    ]
+    assert not offenders, "\n".join(offenders)

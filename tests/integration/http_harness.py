@@ -27,6 +27,7 @@ from dcmstatus.engine.metrics import Metrics
 
 BASE = "/api/v1/service-type-instances"
 SERVICE_TYPES = {"vm", "container", "network"}
+PAGE_TOKEN_SECRET = b"http-harness page-token secret"
 
 @dataclass
 class Reply:
@@ -128,6 +129,7 @@ async def serve_api(database_url: str, api_token: str | None = None, **app_optio
     await trio.to_thread.run_sync(partial(pool.open, wait=True))
     health = HealthSwitch()
     metrics = Metrics()
+    app_options.setdefault("page_token_secret", PAGE_TOKEN_SECRET)
     app = make_app(InstanceStore(pool), SERVICE_TYPES, health, metrics.registry, api_token=api_token, **app_options)
     config = Config()
     config.bind = ["127.0.0.1:0"]

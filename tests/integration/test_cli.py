@@ -125,3 +125,11 @@ async def test_errors_say_what_to_do(api, capsys, monkeypatch, tmp_path: Path):
     code, out, err = await run(capsys, monkeypatch, argv, {"DCMSTATUS_API_TOKEN": "cli-t0ken"})
     assert code == 0, err
     assert json.loads(out)["name"] == "web"
+
+
+async def test_token_from_environment_with_surrounding_whitespace_is_accepted(api, capsys, monkeypatch):
+    # As `export DCMSTATUS_API_TOKEN="$(cat token-file)"` or a secret mount gives it.
+    argv = ["instances", "get", "vm1", "--api-url", api.url, "--json"]
+    code, out, err = await run(capsys, monkeypatch, argv, {"DCMSTATUS_API_TOKEN": "  cli-t0ken\n"})
+    assert code == 0, err
+    assert json.loads(out)["id"] == "vm1"

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -261,3 +262,42 @@ def test_nats_server_restart_mid_stream_loses_nothing(tmp_path, nats_server, dat
         assert svc.metric("dcmstatus_nats_reconnects_total") >= 1
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+def test_page_tokens_survive_a_restart_and_are_refused_by_another_secret(tmp_path, nats_url, database_url):
+    list_path = "/api/v1/service-type-instances?max_page_size=1"
+    first = start_service(tmp_path, nats_url, database_url)
+    try:
+        create(first, "pt1")
+        create(first, "pt2")
+        _, page = first.http("GET", list_path)
+        token = page["next_page_token"]
+    finally:
+        assert first.stop() == 0, first.log()
+    key_file = first.data_dir / "page-token.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    again = start_service(tmp_path, nats_url, database_url)  # same data dir: the key file is reused
+    try:
+        status, page = again.http("GET", f"{list_path}&page_token={token}")
+        assert status == 200 and [i["id"] for i in page["instances"]] == ["pt2"], page
+    finally:
+        assert again.stop() == 0, again.log()
+
+    elsewhere = start_service(tmp_path, nats_url, database_url, name="other")  # its own key file
+    try:
+        status, problem = elsewhere.http("GET", f"{list_path}&page_token={token}")
+        assert status == 400 and "page_token is invalid" in problem["detail"], problem
+    finally:
+        assert elsewhere.stop() == 0, elsewhere.log()
+
+
+def test_unusable_page_token_secret_stops_serve_before_it_starts_anything(tmp_path):
+    (tmp_path / "page-token.key").write_text("\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dcmstatus", "serve", "--nats-url", "nats://127.0.0.1:9",
+         "--database-url", "postgresql://nobody@127.0.0.1:9/none", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "page-token.key is empty: delete it to have a new one made" in proc.stderr

@@ -118,6 +118,55 @@ def test_api_token_from_env_or_file(tmp_path, toml):
         _load(["--api-token", "x"])
 
 
+def test_api_token_from_env_is_stripped_as_from_a_file(tmp_path):
+    # `export DCMSTATUS_API_TOKEN="$(cat token)"` or a secret mount with a
+    # newline: the token is the same as the file variant's.
+    config, _ = _load([], {"DCMSTATUS_API_TOKEN": "  t0k\n"})
+    assert config.api_token == "t0k"
+    with pytest.raises(ConfigError, match="the API token is empty"):
+        _load([], {"DCMSTATUS_API_TOKEN": " \n"})
+
+
+SECRET = "a-page-token-secret-0123456789"
+
+
+def test_page_token_secret_from_env_config_file_or_secret_file(tmp_path, toml):
+    config, sources = _load([])
+    assert (config.page_token_secret, config.page_token_secret_file) == (None, None)
+
+    config, sources = _load([], {"DCMSTATUS_PAGE_TOKEN_SECRET": f" {SECRET}\n"})
+    assert config.page_token_secret == SECRET and sources["page_token_secret"] == "env DCMSTATUS_PAGE_TOKEN_SECRET"
+    config, sources = _load(["--config", toml(f'page_token_secret = "{SECRET}"\n')])
+    assert config.page_token_secret == SECRET
+
+    secret_file = tmp_path / "page-secret"
+    secret_file.write_text(SECRET + "\n")
+    for argv, env in ((["--page-token-secret-file", str(secret_file)], {}), ([], {"DCMSTATUS_PAGE_TOKEN_SECRET_FILE": str(secret_file)})):
+        config, sources = _load(argv, env)
+        assert config.page_token_secret == SECRET and sources["page_token_secret"] == f"file {secret_file}"
+
+    with pytest.raises(ConfigError, match="keep one"):
+        _load(["--page-token-secret-file", str(secret_file)], {"DCMSTATUS_PAGE_TOKEN_SECRET": SECRET})
+    with pytest.raises(ConfigError, match="cannot read the page token secret file"):
+        _load(["--page-token-secret-file", str(tmp_path / "missing")])
+    with pytest.raises(ConfigError, match="shorter than 16 characters"):
+        _load([], {"DCMSTATUS_PAGE_TOKEN_SECRET": "short"})
+    # Never a flag: it would show in the process list.
+    with pytest.raises(SystemExit):
+        _load(["--page-token-secret", SECRET])
+
+
+def test_page_token_secret_is_redacted(capsys, monkeypatch):
+    config, sources = _load([], {"DCMSTATUS_PAGE_TOKEN_SECRET": SECRET})
+    assert SECRET not in render_toml(config, sources)
+    assert "# page_token_secret = '***' (env DCMSTATUS_PAGE_TOKEN_SECRET; redacted)" in render_toml(config, sources)
+    assert config.redacted()["page_token_secret"] == "***"
+    monkeypatch.setenv("DCMSTATUS_PAGE_TOKEN_SECRET", SECRET)
+    assert cli.main(["config", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out and json.loads(out)["page_token_secret"] == "***"
+
+
 def test_rendered_config_is_a_valid_config_file_with_secrets_redacted(toml, tmp_path):
     path = toml('database_url = "postgresql://app:hunter2@db/dcm"\nnats_url = "nats://s3cr3t@nats:4222"\n'
                 "[service_types.app]\nstatuses = ['UP']\n")

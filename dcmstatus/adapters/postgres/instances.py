@@ -5,6 +5,12 @@ psycopg `ConnectionPool`; each async method runs its statement in a worker
 thread, so the trio event loop never blocks on the database. The status
 writer (the NATS side) has its own SQL and does not go through this module.
 
+Driver failures are translated here, at the adapter's edge: a database that
+cannot be reached (connection lost or refused, pool exhausted or closed,
+server shutting down) raises `StoreUnavailable`; a value PostgreSQL refuses
+raises `InvalidInput`; a taken id raises `InstanceExists`. Callers never
+import psycopg to handle them.
+
 JSON columns are read as text and handed on as `msgspec.Raw`: the API returns
 what PostgreSQL stored without decoding and re-encoding it in Python (which
 would also fail on deeply nested documents).
@@ -20,12 +26,13 @@ from typing import Any, Literal
 
 import msgspec
 import psycopg
+import psycopg_pool
 import trio
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from dcmstatus.core.errors import InstanceExists, InvalidInput
+from dcmstatus.core.errors import InstanceExists, InvalidInput, StoreUnavailable
 
 __all__ = [
     "Instance",
@@ -33,7 +40,12 @@ __all__ = [
     "InstanceStore",
     "InvalidInput",
     "RejectedEvent",
+    "StoreUnavailable",
 ]
+
+# What "the database cannot be reached now" looks like from psycopg. The pool's
+# errors are OperationalErrors already; they are named for the reader.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
 
 
 class Instance(msgspec.Struct, frozen=True):
@@ -133,6 +145,11 @@ def _rejected(row: tuple[Any, ...]) -> RejectedEvent:
     )
 
 
+def _first_line(exc: Exception) -> str:
+    # psycopg's messages go on with DETAIL/HINT/context lines.
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
 def _where(conditions: list[sql.Composable]) -> sql.Composable:
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
 
@@ -156,10 +173,13 @@ class InstanceStore:
         self._limiter = trio.CapacityLimiter(pool.max_size)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"the database is unavailable: {_first_line(exc)}") from exc
 
     async def ping(self) -> None:
-        """Raise unless the database answers."""
+        """Raise (StoreUnavailable, mostly) unless the database answers."""
         await self._run(self._ping)
 
     async def create(
@@ -245,7 +265,7 @@ class InstanceStore:
         except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
             # Class 22 (data exception, also raised by psycopg itself for NUL
             # in text) and 54 (e.g. JSON nested too deep): the input's fault.
-            raise InvalidInput(str(exc).splitlines()[0]) from exc
+            raise InvalidInput(_first_line(exc)) from exc
         if row is None:
             raise InstanceExists(instance_id)
         return _instance(row)
