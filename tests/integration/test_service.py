@@ -21,7 +21,16 @@ import pytest
 
 from dcmstatus.cli.publish import build_event, publish_event
 
-T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
+# Event times are real ones, taken when each test starts: the rows these tests
+# create through the API are dated now, and the predecessor guard ignores
+# events older than their row (docs/database.md#ordering-guard).
+T0 = datetime.now(UTC)
+
+
+@pytest.fixture(autouse=True)
+def _events_start_now():
+    global T0
+    T0 = datetime.now(UTC)
 
 
 class Running:
@@ -211,7 +220,7 @@ def test_sigterm_with_backlog_exits_0_and_nothing_is_reapplied(tmp_path, nats_ur
         create(first, f"b{i}")
     events = 5000
     bodies = [
-        build_event("vm", f"b{i % 20}", "RUNNING" if i % 2 else "STOPPED", time=T0 + timedelta(seconds=i))
+        build_event("vm", f"b{i % 20}", "RUNNING" if i % 2 else "STOPPED", time=T0 + timedelta(milliseconds=i))
         for i in range(events)
     ]
     publish_raw(first.nats_url, "dcm.vm", bodies)
@@ -251,7 +260,7 @@ def test_nats_server_restart_mid_stream_loses_nothing(tmp_path, nats_server, dat
             for i in range(1000):
                 n = round_ * 1000 + i
                 status = ("RUNNING", "STOPPED", "PAUSED")[n % 3]
-                bodies.append(build_event("vm", f"r{n % 10}", status, time=T0 + timedelta(seconds=n)))
+                bodies.append(build_event("vm", f"r{n % 10}", status, time=T0 + timedelta(milliseconds=n)))
                 newest[f"r{n % 10}"] = status
             publish_raw(svc.nats_url, "dcm.vm", bodies)
             if round_ == 0:
