@@ -171,18 +171,18 @@ def test_a_replay_after_the_id_is_recreated_leaves_the_new_row_alone(store):
 
 
 def test_a_row_inserted_while_the_writer_parks_still_gets_the_event(store):
-    """The race the per-id lock closes: the insert's transaction is open (its
-    trigger found nothing parked) when the writer meets the unknown id; the
-    writer waits for it and then applies the event to the new row."""
+    """The race: the insert's transaction is open (its trigger found nothing
+    parked) when the writer meets the unknown id; the writer's parking waits
+    for it, and then the event goes onto the new row."""
     store, url = store
     with psycopg.connect(url) as inserter:  # one open transaction
         inserter.execute("INSERT INTO service_type_instances (instance_id, service_type) VALUES ('racy', 'vm')")
         outcome = {}
         writer = threading.Thread(target=lambda: outcome.update(r=store.apply_sync(batch_of(event("racy", "RUNNING")))))
         writer.start()
-        # Wait until the writer is blocked on the id's lock, then commit the insert.
+        # Wait until the writer waits for the inserting transaction, then commit it.
         for _ in range(200):
-            waiting = sql(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")[0][0]
+            waiting = sql(url, "SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted")[0][0]
             if waiting:
                 break
             time.sleep(0.05)
@@ -192,3 +192,18 @@ def test_a_row_inserted_while_the_writer_parks_still_gets_the_event(store):
     result = outcome["r"]
     assert (result.applied, result.unknown, result.parked) == (1, (), 0)
     assert status_of(url, "racy") == "RUNNING"
+
+
+def test_a_bulk_insert_of_many_rows_takes_its_parked_events_along(store):
+    """Any writer may insert rows in bulk: the trigger must not take a lock per
+    row (an advisory lock per id exhausted the lock table at 20k rows)."""
+    store, url = store
+    assert store.apply_sync(batch_of(event("bulk-12345", "RUNNING"))).parked == 1
+    sql(
+        url,
+        "INSERT INTO service_type_instances (instance_id, service_type)"
+        " SELECT 'bulk-' || g, 'vm' FROM generate_series(1, 20000) AS g",
+    )
+    assert status_of(url, "bulk-12345") == "RUNNING"
+    assert status_of(url, "bulk-12346") == "PROVISIONING"
+    assert sql(url, "SELECT count(*) FROM parked_events")[0][0] == 0

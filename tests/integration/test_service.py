@@ -270,3 +270,66 @@ def test_nats_server_restart_mid_stream_loses_nothing(tmp_path, nats_server, dat
         assert svc.metric("dcmstatus_nats_reconnects_total") >= 1
     finally:
         assert svc.stop() == 0, svc.log()
+
+
+# --- DCM fit: parked events, the predecessor guard, the stream DCM already has
+
+
+def test_a_status_that_beats_its_instance_is_applied_when_the_instance_is_created(service):
+    publish(service.nats_url, "vm", "vm-early", "RUNNING", 0, message="first word")
+    wait_for(lambda: service.metric("dcmstatus_events_parked_total") == 1, "the event parked")
+    assert service.metric("dcmstatus_events_unknown_instance_total") == 1  # still a counted no-op
+    time.sleep(2)  # DCM writes the row a little later
+    created = create(service, "vm-early")
+    assert (created["status"], created["status_message"]) == ("RUNNING", "first word")
+    assert service.metric("dcmstatus_parked_applied_total") == 1
+
+
+def test_a_replay_after_the_id_is_recreated_leaves_the_new_instance_alone(tmp_path, nats_url, database_url):
+    svc = start_service(tmp_path, nats_url, database_url, "--max-clock-skew", "1")
+    try:
+        create(svc, "vm-again")
+        publish(svc.nats_url, "vm", "vm-again", "RUNNING")  # dated now
+        wait_for(lambda: status_of(svc, "vm-again") == "RUNNING", "the first instance RUNNING")
+        time.sleep(2)  # more than the skew: the next row is younger than every event so far
+        assert svc.http("DELETE", "/api/v1/service-type-instances/vm-again")[0] == 204
+        create(svc, "vm-again")
+        received = svc.metric("dcmstatus_events_received_total")
+
+        async def delete_consumer():
+            nc = await nats.connect(svc.nats_url)
+            await nc.jetstream().delete_consumer("dcm-status", "dcmstatus")
+            await nc.close()
+
+        # A recreated consumer delivers the stream from its start: the replay.
+        asyncio.run(delete_consumer())
+        wait_for(lambda: svc.metric("dcmstatus_events_received_total") > received, "the replay", timeout=60)
+        wait_for(lambda: svc.metric("dcmstatus_in_flight_messages") == 0, "the replay acked")
+        assert status_of(svc, "vm-again") == "PROVISIONING"
+    finally:
+        assert svc.stop() == 0, svc.log()
+
+
+def test_serve_consumes_from_a_stream_of_another_name_that_dcm_made(tmp_path, nats_url, database_url):
+    async def dcm_makes_its_stream():
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().add_stream(name="dcm-control-plane", subjects=["dcm.*"])
+        await nc.close()
+
+    async def stream_names():
+        nc = await nats.connect(nats_url)
+        try:
+            return [s.config.name for s in await nc.jetstream().streams_info()]
+        finally:
+            await nc.close()
+
+    asyncio.run(dcm_makes_its_stream())
+    svc = start_service(tmp_path, nats_url, database_url)
+    try:
+        create(svc, "vm-bound")
+        publish(svc.nats_url, "vm", "vm-bound", "RUNNING", 0)
+        wait_for(lambda: status_of(svc, "vm-bound") == "RUNNING", "the event applied from DCM's stream")
+        assert asyncio.run(stream_names()) == ["dcm-control-plane"]
+        assert "bound to the existing stream dcm-control-plane" in svc.log()
+    finally:
+        assert svc.stop() == 0, svc.log()

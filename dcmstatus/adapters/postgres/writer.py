@@ -79,19 +79,11 @@ SELECT (SELECT count(*) FROM upd),
 """
 
 # Parking (docs/database.md#parked-events), only for a batch that met unknown
-# instances. First the per-id locks the insert trigger takes too, in one
-# order (writers own disjoint ids, so they never wait on each other) ...
-_LOCK_IDS = """
-SELECT pg_advisory_xact_lock(k) FROM (
-    SELECT DISTINCT dcmstatus_instance_lock_key(id) AS k FROM unnest(%(ids)b::text[]) AS u(id) ORDER BY 1
-) AS keys
-"""
-
-# ... then, in a statement of its own (so it sees rows whose insert committed
-# while we waited), apply to rows that appeared meanwhile and park the rest:
-# the newest per (id, service type), unless the id was just deleted (a
-# trailing event of the deleted instance) or the event is already too old to
-# apply to any row created from now on.
+# instances. Rows inserted since the batch's first statement get their event
+# now; for the others, park the newest event per (id, service type), unless the id was just
+# deleted (a trailing event of the deleted instance) or the event is already
+# too old for any row created from now on. Writing a key that a concurrent
+# insert is writing too (its trigger) waits for that insert to finish.
 _PARK = f"""
 WITH ev AS ({_EVENTS}),
 upd AS ({_UPDATE_ROWS}),
@@ -122,9 +114,35 @@ homeless AS (
      WHERE (p.event_time, p.stream_seq) < (EXCLUDED.event_time, EXCLUDED.stream_seq)
     RETURNING 1
 )
-SELECT ARRAY(SELECT instance_id FROM upd),
-       (SELECT count(*) FROM park),
-       (SELECT count(*) FROM after_delete)
+SELECT ARRAY(SELECT instance_id FROM upd), (SELECT count(*) FROM park), (SELECT count(*) FROM after_delete)
+"""
+
+# Then, in a statement of its own (so it sees inserts that committed while we
+# parked or waited), move parked events of these ids whose row exists now
+# onto the row, under the ordering and predecessor guards.
+_SETTLE = """
+WITH moved AS (
+    DELETE FROM parked_events AS p
+     USING service_type_instances AS t
+     WHERE p.instance_id = ANY(%(ids)s::text[])
+       AND t.instance_id = p.instance_id AND t.service_type = p.service_type
+    RETURNING p.*
+), upd AS (
+    UPDATE service_type_instances AS t
+       SET status = m.status,
+           status_message = m.status_message,
+           provider_name = m.provider_name,
+           outputs = COALESCE(m.outputs, t.outputs),
+           status_time = m.event_time,
+           status_seq = m.stream_seq,
+           updated_at = now()
+      FROM moved AS m
+     WHERE t.instance_id = m.instance_id AND t.service_type = m.service_type
+       AND (t.status_time, t.status_seq) < (m.event_time, m.stream_seq)
+       AND m.expires_at >= t.created_at
+    RETURNING t.instance_id
+)
+SELECT ARRAY(SELECT instance_id FROM upd), (SELECT count(*) FROM moved)
 """
 
 # Keep parking bounded: drop what expired, then the oldest beyond the limit
@@ -236,13 +254,16 @@ class StatusStore:
         parked = after_delete = expired = evicted = 0
         if unknown:
             # Rare in steady state: only batches that met unknown instances pay
-            # for parking, with three statements per batch, none per event.
+            # for parking, with up to three statements per batch, none per event.
             missing = set(unknown)
             homeless = [u for u in ups if u.instance_id in missing]
             ids = [u.instance_id for u in homeless]
-            conn.execute(_LOCK_IDS, {"ids": ids})
-            late = {**_event_params(homeless), "skew": self._skew, "ttl": self._parked_ttl}
-            found, parked, after_delete = conn.execute(_PARK, late).fetchone()  # type: ignore[misc]
+            park = {**_event_params(homeless), "skew": self._skew, "ttl": self._parked_ttl}
+            found, parked, after_delete = conn.execute(_PARK, park).fetchone()  # type: ignore[misc]
+            if parked:
+                settled, moved = conn.execute(_SETTLE, {"ids": ids}).fetchone()  # type: ignore[misc]
+                parked -= moved
+                found += settled
             if found:
                 # Rows inserted while this batch ran: applied now, no longer unknown.
                 applied += len(found)

@@ -36,30 +36,34 @@ CREATE TABLE instance_tombstones (
 );
 CREATE INDEX instance_tombstones_deleted_idx ON instance_tombstones (deleted_at);
 
--- One lock key per instance id, shared by the insert trigger and the writer's
--- parking: without it, a row inserted while a writer parks an event for it
--- would see no parked event, and the writer would see no row (each
--- transaction blind to the other's uncommitted write): the event would wait
--- for a row that already exists.
-CREATE FUNCTION dcmstatus_instance_lock_key(instance_id text) RETURNS bigint
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$ SELECT hashtextextended(instance_id, 7235) $$;
-
+-- Closing the race between a row's insert and a writer parking an event for
+-- it: each transaction is blind to the other's uncommitted write, so the
+-- trigger could find nothing parked while the writer finds no row, and the
+-- event would wait for a row that already exists. Both therefore write the
+-- same key of parked_events, and PostgreSQL makes the second writer of a key
+-- wait for the first to finish: the trigger upserts (and removes) the key,
+-- which takes an event a writer committed, or waits for one being committed;
+-- a writer that had to wait for an insert, or raced it, moves events whose
+-- row now exists onto that row in a later statement (see the writer). No
+-- advisory locks: a bulk insert of many rows must not fill the lock table.
 CREATE FUNCTION dcmstatus_apply_parked() RETURNS trigger
     LANGUAGE plpgsql AS $$
 DECLARE
     parked parked_events%ROWTYPE;
 BEGIN
-    PERFORM pg_advisory_xact_lock(dcmstatus_instance_lock_key(NEW.instance_id));
     DELETE FROM instance_tombstones WHERE instance_id = NEW.instance_id;
-    DELETE FROM parked_events AS p
-     WHERE p.instance_id = NEW.instance_id
-       AND p.service_type = NEW.service_type
-       AND p.expires_at >= NEW.created_at
-    RETURNING * INTO parked;
-    -- Under the same ordering guard as any event: a row inserted with a status
-    -- of its own keeps it unless the parked event is newer.
-    IF FOUND AND (NEW.status_time, NEW.status_seq) < (parked.event_time, parked.stream_seq) THEN
+    INSERT INTO parked_events AS p
+        (instance_id, service_type, status, status_message, provider_name, event_time, stream_seq, expires_at)
+    VALUES (NEW.instance_id, NEW.service_type, '', '', '', '-infinity', 0, '-infinity')
+    ON CONFLICT (instance_id, service_type) DO UPDATE SET stream_seq = p.stream_seq
+    RETURNING p.* INTO parked;
+    DELETE FROM parked_events WHERE instance_id = NEW.instance_id AND service_type = NEW.service_type;
+    -- A placeholder of our own expires at -infinity and applies nothing. A
+    -- parked event applies under the same guards as any event: in time for
+    -- this row (its expiry covers the TTL and the predecessor guard), and
+    -- newer than a status the row is inserted with.
+    IF parked.expires_at >= NEW.created_at
+       AND (NEW.status_time, NEW.status_seq) < (parked.event_time, parked.stream_seq) THEN
         NEW.status := parked.status;
         NEW.status_message := parked.status_message;
         NEW.provider_name := parked.provider_name;
