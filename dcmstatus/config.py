@@ -39,6 +39,8 @@ __all__ = [
 CONFIG_ENV = "DCMSTATUS_CONFIG"
 # A shorter page token secret could be guessed from the tokens a client sees.
 MIN_SECRET_CHARS = 16
+# The durable consumers of DCM's own components (docs/dcm.md#durables).
+DCM_DURABLES = frozenset({"control-plane", "service-provider-manager", "placement-manager"})
 _REDACTED = "***"
 
 
@@ -75,9 +77,28 @@ class ServeConfig:
     http_host: str = _opt("127.0.0.1", "address the HTTP API listens on")
     http_port: int = _opt(8080, "port the HTTP API listens on (0 picks a free one)", type=int)
     nats_port: int = _opt(4222, "preferred port of the embedded nats-server (a free one is used if taken)", type=int)
-    stream: str = _opt("dcm-status", "JetStream stream (created when missing, used as it is otherwise)")
+    stream: str = _opt(
+        "dcm-status",
+        "JetStream stream: a stream that already captures --subjects (whatever its name, e.g. the DCM control "
+        "plane's) is used as it is; only when none does is this one created",
+    )
+    stream_max_age: float = _opt(
+        7 * 24 * 3600.0, "retention (seconds) of a stream dcmstatus creates itself; 0 = unbounded", type=float
+    )
     subjects: str = _opt("dcm.*", "subject filter of the stream and the consumer")
-    durable: str = _opt("dcmstatus", "durable consumer name, shared by replicas")
+    durable: str = _opt(
+        "dcmstatus", "durable consumer name, shared by replicas; never one of DCM's own (control-plane, ...)"
+    )
+    max_clock_skew: float = _opt(
+        300.0,
+        "seconds an event time may lie after the JetStream message time (beyond, the message time is used); "
+        "also the margin of the predecessor guard",
+        type=float,
+    )
+    parked_ttl: float = _opt(
+        300.0, "seconds an event for a not-yet-existing instance waits for its row (parked events)", type=float
+    )
+    parked_limit: int = _opt(100_000, "parked events kept at most (the oldest go first)", type=int)
     writers: int = _opt(2, "parallel database writers (one connection each)", type=int)
     batch_size: int = _opt(1000, "messages per database transaction at most", type=int)
     batch_delay_ms: float = _opt(
@@ -135,7 +156,7 @@ class ServeConfig:
             )
         for name in (
             "writers", "batch_size", "max_in_flight", "max_in_flight_bytes", "max_event_bytes", "dead_letter_limit",
-            "max_request_bytes",
+            "max_request_bytes", "parked_limit",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -144,9 +165,16 @@ class ServeConfig:
         for name in ("http_port", "nats_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 65535")
-        for name in ("batch_delay_ms", "ack_wait", "grace_period"):
+        for name in ("batch_delay_ms", "ack_wait", "grace_period", "max_clock_skew", "parked_ttl"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if self.stream_max_age < 0:
+            raise ValueError("--stream-max-age must be 0 (unbounded) or positive")
+        if self.durable in DCM_DURABLES:
+            raise ValueError(
+                f"--durable {self.durable!r} is a durable consumer of DCM itself: sharing it would split DCM's "
+                "deliveries with dcmstatus, and each would miss events. Use a name of its own, e.g. 'dcmstatus'"
+            )
         if self.api_token is not None and not self.api_token.strip():
             raise ValueError("the API token is empty: set a non-empty one or none")
         if self.page_token_secret is not None and len(self.page_token_secret.strip()) < MIN_SECRET_CHARS:

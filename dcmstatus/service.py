@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 from contextlib import AsyncExitStack
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -70,6 +71,7 @@ class Service:
             NatsSettings(
                 url=nats_url,
                 stream=config.stream,
+                stream_max_age=config.stream_max_age,
                 subjects=config.subjects,
                 durable=config.durable,
                 ack_wait=config.ack_wait,
@@ -81,7 +83,14 @@ class Service:
             self.metrics,
         )
         self.writer_stores = [
-            StatusStore(database_url, dead_letter_limit=config.dead_letter_limit) for _ in range(config.writers)
+            StatusStore(
+                database_url,
+                dead_letter_limit=config.dead_letter_limit,
+                max_clock_skew=timedelta(seconds=config.max_clock_skew),
+                parked_ttl=timedelta(seconds=config.parked_ttl),
+                parked_limit=config.parked_limit,
+            )
+            for _ in range(config.writers)
         ]
         decoder = Decoder(catalog, max_event_bytes=config.max_event_bytes)
         self.pipeline = Pipeline(
@@ -105,7 +114,7 @@ class Service:
             timeout=2.0,
             kwargs={"application_name": "dcmstatus-api", "connect_timeout": 2},
         )
-        self.instances = InstanceStore(self.api_pool)
+        self.instances = InstanceStore(self.api_pool, self.metrics)
         self.http_url = ""
 
     async def health(self) -> tuple[bool, dict]:
@@ -248,7 +257,7 @@ def _announce(config: ServeConfig, service: Service) -> None:
         f"dcmstatus is running\n"
         f"  HTTP API   {service.http_url}/api/v1/service-type-instances\n"
         f"  health     {service.http_url}/api/v1/health   metrics {service.http_url}/metrics\n"
-        f"  publish to {service.nats_url}  subjects {config.subjects} (stream {config.stream})\n"
+        f"  publish to {service.nats_url}  subjects {config.subjects} (stream {service.source.stream})\n"
         f"  database   {config.redacted()['database_url'] if config.database_url else service.database_url}\n"
         f"  runtime    {data_dir / 'runtime.json'}\n"
         f"Stop with Ctrl-C (SIGINT) or SIGTERM.",

@@ -62,6 +62,7 @@ from dcmstatus.core.model import StatusUpdate
 from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database
 
 T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
+CREATED = T0 - timedelta(days=1)  # when the workload's instances were created
 STREAM, DURABLE = "dcm-status", "dcmstatus"
 _json = msgspec.json.Encoder()
 
@@ -446,13 +447,16 @@ def delete_consumer(url: str, stream: str = STREAM, durable: str = DURABLE) -> N
 
 
 def prepare_database(database_url: str, instances: dict[str, str]) -> None:
-    """Apply the schema and create the instances (status PROVISIONING)."""
+    """Apply the schema and create the instances (status PROVISIONING).
+
+    The rows are dated before the workload's first event (T0): the
+    predecessor guard ignores events older than the row they would update."""
     migrate(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO service_type_instances (instance_id, service_type)"
-            " SELECT * FROM unnest(%b::text[], %b::text[])",
-            (list(instances), list(instances.values())),
+            "INSERT INTO service_type_instances (instance_id, service_type, created_at)"
+            " SELECT *, %s FROM unnest(%b::text[], %b::text[])",
+            (CREATED, list(instances), list(instances.values())),
         )
 
 

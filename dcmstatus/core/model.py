@@ -87,8 +87,20 @@ class BatchResult(msgspec.Struct, frozen=True):
     """What one committed batch did, for metrics and logs."""
 
     applied: int
-    stale: int  # newer-or-equal event already stored: replay, duplicate, late
+    stale: int  # newer-or-equal event already stored: replay, duplicate, late, a predecessor's
     unknown: tuple[str, ...]  # instance ids with no row of that service type
+    parked: int = 0  # unknown-instance events kept for a row that may appear (docs/database.md#parked-events)
+    after_delete: int = 0  # unknown-instance events for a just-deleted id: not parked
+    parked_expired: int = 0  # parked events dropped because their time ran out
+    parked_evicted: int = 0  # parked events dropped to stay within the parking bound
 
     def __add__(self, other: BatchResult) -> BatchResult:
-        return BatchResult(self.applied + other.applied, self.stale + other.stale, self.unknown + other.unknown)
+        return BatchResult(
+            self.applied + other.applied,
+            self.stale + other.stale,
+            self.unknown + other.unknown,
+            self.parked + other.parked,
+            self.after_delete + other.after_delete,
+            self.parked_expired + other.parked_expired,
+            self.parked_evicted + other.parked_evicted,
+        )

@@ -159,9 +159,14 @@ class Servers:
         url = create_database(self.pg_url, name)
         migrate(url)
         with psycopg.connect(url, autocommit=True) as conn:
-            with conn.cursor().copy("COPY service_type_instances (instance_id, service_type) FROM STDIN") as copy:
+            # Rows dated before the first event: the predecessor guard ignores
+            # events older than the row they would update.
+            created = T0 - timedelta(days=1)
+            with conn.cursor().copy(
+                "COPY service_type_instances (instance_id, service_type, created_at) FROM STDIN"
+            ) as copy:
                 for instance, service_type in workload.instances:
-                    copy.write_row((instance, service_type))
+                    copy.write_row((instance, service_type, created))
             conn.execute("VACUUM ANALYZE service_type_instances")
         return url
 

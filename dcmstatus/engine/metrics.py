@@ -97,6 +97,29 @@ class Metrics:
             "Valid events naming no instance of their service type",
             registry=r,
         )
+        self.events_parked = Counter(
+            "dcmstatus_events_parked_total",
+            "Unknown-instance events kept for a row that may be created soon (docs/database.md#parked-events)",
+            registry=r,
+        )
+        self.events_after_delete = Counter(
+            "dcmstatus_events_after_delete_total",
+            "Unknown-instance events for an id deleted within the parking TTL: not parked",
+            registry=r,
+        )
+        self.parked_applied = Counter(
+            "dcmstatus_parked_applied_total",
+            "Parked events applied when their row was created through this replica's API",
+            registry=r,
+        )
+        self.parked_dropped = Counter(
+            "dcmstatus_parked_dropped_total",
+            "Parked events dropped unapplied: expired (TTL) or evicted (over --parked-limit)",
+            ["cause"],
+            registry=r,
+        )
+        for cause in ("expired", "evicted"):
+            self.parked_dropped.labels(cause)
         self.events_rejected = Counter(
             "dcmstatus_events_rejected_total", "Events rejected, by reason", ["reason"], registry=r
         )

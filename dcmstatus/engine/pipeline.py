@@ -175,6 +175,14 @@ class Pipeline:
                 metrics.observe_batch(batch, result)
                 if result.unknown:
                     metrics.events_unknown_instance.inc(len(result.unknown))
+                    if result.parked:
+                        metrics.events_parked.inc(result.parked)
+                    if result.after_delete:
+                        metrics.events_after_delete.inc(result.after_delete)
+                if result.parked_expired:
+                    metrics.parked_dropped.labels("expired").inc(result.parked_expired)
+                if result.parked_evicted:
+                    metrics.parked_dropped.labels("evicted").inc(result.parked_evicted)
                 self._events.unknown_instances(batch, result.unknown)
                 for reason, count in batch.rejection_counts().items():
                     metrics.events_rejected.labels(reason).inc(count)

@@ -265,7 +265,10 @@ def test_poison_event_is_isolated_and_dead_lettered(tmp_path, nats_url, database
     ready_db(database_url, workload)
     poison = "poison-1"
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO service_type_instances (instance_id, service_type) VALUES (%s, 'vm')", (poison,))
+        conn.execute(
+            "INSERT INTO service_type_instances (instance_id, service_type, created_at) VALUES (%s, 'vm', %s)",
+            (poison, chaos.CREATED),
+        )
         conn.execute(
             """CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN
@@ -293,8 +296,9 @@ def test_poison_event_is_isolated_and_dead_lettered(tmp_path, nats_url, database
     late = chaos.make_workload(5, 2, seed=10, bad_rate=0, prefix="late")
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO service_type_instances (instance_id, service_type) SELECT * FROM unnest(%b::text[], %b::text[])",
-            (list(late.instances), list(late.instances.values())),
+            "INSERT INTO service_type_instances (instance_id, service_type, created_at)"
+            " SELECT *, %s FROM unnest(%b::text[], %b::text[])",
+            (chaos.CREATED, list(late.instances), list(late.instances.values())),
         )
     asyncio.run(chaos.publish_events(nats_url, late.events))
     wait_for(lambda: converged(database_url, late.expected), "events after the poison applied", 60)

@@ -22,7 +22,16 @@ import pytest
 
 from dcmstatus.cli.publish import build_event, publish_event
 
-T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
+# Event times are real ones, taken when each test starts: the rows these tests
+# create through the API are dated now, and the predecessor guard ignores
+# events older than their row (docs/database.md#ordering-guard).
+T0 = datetime.now(UTC)
+
+
+@pytest.fixture(autouse=True)
+def _events_start_now():
+    global T0
+    T0 = datetime.now(UTC)
 
 
 class Running:
@@ -212,7 +221,7 @@ def test_sigterm_with_backlog_exits_0_and_nothing_is_reapplied(tmp_path, nats_ur
         create(first, f"b{i}")
     events = 5000
     bodies = [
-        build_event("vm", f"b{i % 20}", "RUNNING" if i % 2 else "STOPPED", time=T0 + timedelta(seconds=i))
+        build_event("vm", f"b{i % 20}", "RUNNING" if i % 2 else "STOPPED", time=T0 + timedelta(milliseconds=i))
         for i in range(events)
     ]
     publish_raw(first.nats_url, "dcm.vm", bodies)
@@ -252,7 +261,7 @@ def test_nats_server_restart_mid_stream_loses_nothing(tmp_path, nats_server, dat
             for i in range(1000):
                 n = round_ * 1000 + i
                 status = ("RUNNING", "STOPPED", "PAUSED")[n % 3]
-                bodies.append(build_event("vm", f"r{n % 10}", status, time=T0 + timedelta(seconds=n)))
+                bodies.append(build_event("vm", f"r{n % 10}", status, time=T0 + timedelta(milliseconds=n)))
                 newest[f"r{n % 10}"] = status
             publish_raw(svc.nats_url, "dcm.vm", bodies)
             if round_ == 0:
@@ -301,3 +310,66 @@ def test_unusable_page_token_secret_stops_serve_before_it_starts_anything(tmp_pa
     )
     assert proc.returncode == 2, proc.stderr
     assert "page-token.key is empty: delete it to have a new one made" in proc.stderr
+
+
+# --- DCM fit: parked events, the predecessor guard, the stream DCM already has
+
+
+def test_a_status_that_beats_its_instance_is_applied_when_the_instance_is_created(service):
+    publish(service.nats_url, "vm", "vm-early", "RUNNING", 0, message="first word")
+    wait_for(lambda: service.metric("dcmstatus_events_parked_total") == 1, "the event parked")
+    assert service.metric("dcmstatus_events_unknown_instance_total") == 1  # still a counted no-op
+    time.sleep(2)  # DCM writes the row a little later
+    created = create(service, "vm-early")
+    assert (created["status"], created["status_message"]) == ("RUNNING", "first word")
+    assert service.metric("dcmstatus_parked_applied_total") == 1
+
+
+def test_a_replay_after_the_id_is_recreated_leaves_the_new_instance_alone(tmp_path, nats_url, database_url):
+    svc = start_service(tmp_path, nats_url, database_url, "--max-clock-skew", "1")
+    try:
+        create(svc, "vm-again")
+        publish(svc.nats_url, "vm", "vm-again", "RUNNING")  # dated now
+        wait_for(lambda: status_of(svc, "vm-again") == "RUNNING", "the first instance RUNNING")
+        time.sleep(2)  # more than the skew: the next row is younger than every event so far
+        assert svc.http("DELETE", "/api/v1/service-type-instances/vm-again")[0] == 204
+        create(svc, "vm-again")
+        received = svc.metric("dcmstatus_events_received_total")
+
+        async def delete_consumer():
+            nc = await nats.connect(svc.nats_url)
+            await nc.jetstream().delete_consumer("dcm-status", "dcmstatus")
+            await nc.close()
+
+        # A recreated consumer delivers the stream from its start: the replay.
+        asyncio.run(delete_consumer())
+        wait_for(lambda: svc.metric("dcmstatus_events_received_total") > received, "the replay", timeout=60)
+        wait_for(lambda: svc.metric("dcmstatus_in_flight_messages") == 0, "the replay acked")
+        assert status_of(svc, "vm-again") == "PROVISIONING"
+    finally:
+        assert svc.stop() == 0, svc.log()
+
+
+def test_serve_consumes_from_a_stream_of_another_name_that_dcm_made(tmp_path, nats_url, database_url):
+    async def dcm_makes_its_stream():
+        nc = await nats.connect(nats_url)
+        await nc.jetstream().add_stream(name="dcm-control-plane", subjects=["dcm.*"])
+        await nc.close()
+
+    async def stream_names():
+        nc = await nats.connect(nats_url)
+        try:
+            return [s.config.name for s in await nc.jetstream().streams_info()]
+        finally:
+            await nc.close()
+
+    asyncio.run(dcm_makes_its_stream())
+    svc = start_service(tmp_path, nats_url, database_url)
+    try:
+        create(svc, "vm-bound")
+        publish(svc.nats_url, "vm", "vm-bound", "RUNNING", 0)
+        wait_for(lambda: status_of(svc, "vm-bound") == "RUNNING", "the event applied from DCM's stream")
+        assert asyncio.run(stream_names()) == ["dcm-control-plane"]
+        assert "bound to the existing stream dcm-control-plane" in svc.log()
+    finally:
+        assert svc.stop() == 0, svc.log()

@@ -33,8 +33,9 @@ def db(database_url):
     with psycopg.connect(database_url, autocommit=True) as conn:
         for instance, service_type in [("vm1", "vm"), ("vm2", "vm"), ("c1", "container")]:
             conn.execute(
-                "INSERT INTO service_type_instances (instance_id, service_type) VALUES (%s, %s)",
-                (instance, service_type),
+                # Created before the events (the predecessor guard ignores older ones).
+                "INSERT INTO service_type_instances (instance_id, service_type, created_at) VALUES (%s, %s, %s)",
+                (instance, service_type, T0 - timedelta(days=1)),
             )
     store = StatusStore(database_url, dead_letter_limit=5)
     yield store, database_url
@@ -51,7 +52,7 @@ def row(url, instance):
 
 
 def test_migrate_is_idempotent(database_url):
-    assert migrate(database_url) == ["0001_initial", "0002_hot_status_updates"]
+    assert migrate(database_url) == ["0001_initial", "0002_hot_status_updates", "0003_parked_events"]
     assert migrate(database_url) == []
 
 

@@ -45,7 +45,8 @@ _MAX_REQUESTS = 16  # pull requests outstanding at once
 
 class NatsSettings(msgspec.Struct, frozen=True):
     url: str
-    stream: str = "dcm-status"
+    stream: str = "dcm-status"  # created only when no stream captures `subjects`
+    stream_max_age: float = 7 * 24 * 3600.0  # retention of a stream we create; 0 = unbounded
     subjects: str = "dcm.*"
     durable: str = "dcmstatus"
     ack_wait: float = 30.0  # seconds before the server redelivers an unacked message
@@ -67,6 +68,7 @@ class JetStreamSource:
         self._js = None
         self._sub = None
         self._inbox = ""
+        self.stream = settings.stream  # the stream bound to at start-up (see _ensure_stream)
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.durable}"
         self._deliveries: trio.MemorySendChannel[Delivery] | None = None
         # Credit accounting, all on the (single) event-loop thread.
@@ -193,19 +195,52 @@ class JetStreamSource:
     # ---- asyncio side ----------------------------------------------------
 
     async def _ensure_stream(self) -> None:
+        """Bind to the stream that captures our subjects, or create one.
+
+        In a DCM deployment the control plane has made that stream already
+        (`dcm-status`, with server defaults): JetStream refuses a second
+        stream on overlapping subjects, and its configuration is not ours to
+        change, so any stream that captures the filter, whatever its name, is
+        used as it is (docs/dcm.md#stream). Only when there is none is
+        `settings.stream` created, with a retention bound.
+        """
         s = self.settings
+        info = None
         try:
             info = await self._js.stream_info(s.stream)
         except nats.js.errors.NotFoundError:
-            await self._js.add_stream(name=s.stream, subjects=[s.subjects], storage=StorageType.FILE)
-            log.info("created stream %s on %s", s.stream, s.subjects)
-            return
-        # An existing stream is used as it is: never reconfigure it destructively.
-        if s.subjects not in (info.config.subjects or []):
-            log.warning(
-                "stream %s exists with subjects %s, not %s; using it as it is",
-                s.stream, info.config.subjects, s.subjects,
+            try:
+                name = await self._js.find_stream_name_by_subject(s.subjects)
+            except nats.js.errors.NotFoundError:
+                name = None
+            if name is not None:
+                info = await self._js.stream_info(name)
+                log.info("bound to the existing stream %s, which captures %s", name, s.subjects)
+        if info is None:
+            await self._js.add_stream(
+                name=s.stream, subjects=[s.subjects], storage=StorageType.FILE, max_age=s.stream_max_age or None
             )
+            bound = f"kept {s.stream_max_age:g}s" if s.stream_max_age else "kept forever (--stream-max-age 0)"
+            log.info("created stream %s on %s, messages %s", s.stream, s.subjects, bound)
+            self._bind(s.stream)
+            return
+        config = info.config
+        self._bind(config.name)
+        if s.subjects not in (config.subjects or []):
+            log.warning(
+                "stream %s has subjects %s, not %s; using it as it is",
+                config.name, config.subjects, s.subjects,
+            )
+        if not (config.max_age or (config.max_bytes or -1) > 0 or (config.max_msgs or -1) > 0):
+            log.warning(
+                "stream %s has no retention bound (max_age, max_bytes and max_msgs are unset): it grows "
+                "until the server's disk is full. dcmstatus does not change it; its owner may set one",
+                config.name,
+            )
+
+    def _bind(self, stream: str) -> None:
+        self.stream = stream
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{self.settings.durable}"
 
     def _consumer_config(self) -> ConsumerConfig:
         s = self.settings
@@ -222,26 +257,26 @@ class JetStreamSource:
         s = self.settings
         wanted = self._consumer_config()
         try:
-            info = await self._js.consumer_info(s.stream, s.durable)
+            info = await self._js.consumer_info(self.stream, s.durable)
         except nats.js.errors.NotFoundError:
             info = None
         if info is None:
-            await self._js.add_consumer(s.stream, wanted)
-            log.info("created durable consumer %s on stream %s", s.durable, s.stream)
+            await self._js.add_consumer(self.stream, wanted)
+            log.info("created durable consumer %s on stream %s", s.durable, self.stream)
         else:
             have = info.config
             if (have.ack_wait, have.max_ack_pending, have.filter_subject) != (
                 wanted.ack_wait, wanted.max_ack_pending, wanted.filter_subject,
             ):
                 # js.subscribe would silently keep the old config; update it explicitly.
-                await self._js.add_consumer(s.stream, wanted)
+                await self._js.add_consumer(self.stream, wanted)
                 log.info("updated durable consumer %s to the configured settings", s.durable)
         self.consumer_ok = True
 
     async def _check_consumer(self) -> None:
         s = self.settings
         try:
-            info = await self._js.consumer_info(s.stream, s.durable, timeout=2)
+            info = await self._js.consumer_info(self.stream, s.durable, timeout=2)
             self.consumer_ok = True
             self._metrics.observe_consumer(info)
         except nats.js.errors.NotFoundError:

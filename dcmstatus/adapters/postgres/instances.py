@@ -33,6 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from dcmstatus.core.errors import InstanceExists, InvalidInput, StoreUnavailable
+from dcmstatus.engine.metrics import Metrics
 
 __all__ = [
     "Instance",
@@ -168,8 +169,9 @@ class InstanceStore:
     threads are ever busy here.
     """
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, metrics: Metrics | None = None) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._limiter = trio.CapacityLimiter(pool.max_size)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -199,9 +201,14 @@ class InstanceStore:
         """
         if instance_id is None:
             instance_id = str(uuid.uuid4())
-        return await self._run(
+        instance = await self._run(
             self._create, instance_id, service_type, _jsonb(spec), name, agent_name, provider_name
         )
+        if instance.status_time is not None and self._metrics is not None:
+            # A new row has a status time only when its insert applied a parked
+            # event (docs/database.md#parked-events).
+            self._metrics.parked_applied.inc()
+        return instance
 
     async def get(self, instance_id: str) -> Instance | None:
         return await self._run(self._get, instance_id)

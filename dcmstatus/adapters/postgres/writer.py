@@ -11,7 +11,9 @@ re-opened on the next attempt.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from functools import partial
+from typing import Any
 
 import msgspec
 import psycopg
@@ -20,7 +22,7 @@ import trio
 
 from dcmstatus.core.batching import WriteBatch
 from dcmstatus.core.errors import BatchRefused
-from dcmstatus.core.model import BatchResult
+from dcmstatus.core.model import BatchResult, StatusUpdate
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,23 @@ log = logging.getLogger(__name__)
 # A row matches only its own service type, and only when the event is newer
 # than the one that set the current status: replays, duplicates and late
 # events change nothing. Outputs keep their last value when an event has none.
-_APPLY_UPDATES = """
-WITH ev AS (
+# The events of a batch, as a relation: arrays go in binary (%b), the text
+# form costs ~10 ms CPU per 1000 rows.
+_EVENTS = """
     SELECT * FROM unnest(
-        %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-        %b::text[], %b::timestamptz[], %b::int8[]
+        %(ids)b::text[], %(types)b::text[], %(statuses)b::text[], %(messages)b::text[], %(providers)b::text[],
+        %(outputs)b::text[], %(times)b::timestamptz[], %(seqs)b::int8[]
     ) AS e(instance_id, service_type, status, message, provider, outputs, event_time, seq)
-), upd AS (
+"""
+
+# A row matches only its own service type, and only when the event is newer
+# than the one that set the current status: replays, duplicates and late
+# events change nothing. Nor does an event older than the row itself (its
+# time before the row's creation minus the allowed clock skew): that is a
+# predecessor's, of an instance deleted and created again under the same id.
+# Outputs keep their last value when an event has none.
+# (docs/database.md#ordering-guard)
+_UPDATE_ROWS = """
     UPDATE service_type_instances AS t
        SET status = ev.status,
            status_message = ev.message,
@@ -47,6 +59,7 @@ WITH ev AS (
      WHERE t.instance_id = ev.instance_id
        AND t.service_type = ev.service_type
        AND (t.status_time, t.status_seq) < (ev.event_time, ev.seq)
+       AND ev.event_time >= t.created_at - %(skew)s::interval
        -- The same event published twice (same time, same content) is a
        -- duplicate, not a newer event, whatever its stream sequence.
        AND (ev.event_time > t.status_time
@@ -54,12 +67,98 @@ WITH ev AS (
             OR ev.message IS DISTINCT FROM t.status_message
             OR ev.provider IS DISTINCT FROM t.provider_name
             OR (ev.outputs IS NOT NULL AND ev.outputs::jsonb IS DISTINCT FROM t.outputs))
-    RETURNING 1
-)
+    RETURNING t.instance_id
+"""
+
+_APPLY_UPDATES = f"""
+WITH ev AS ({_EVENTS}), upd AS ({_UPDATE_ROWS})
 SELECT (SELECT count(*) FROM upd),
        ARRAY(SELECT ev.instance_id FROM ev WHERE NOT EXISTS (
            SELECT 1 FROM service_type_instances AS t
             WHERE t.instance_id = ev.instance_id AND t.service_type = ev.service_type))
+"""
+
+# Parking (docs/database.md#parked-events), only for a batch that met unknown
+# instances. Rows inserted since the batch's first statement get their event
+# now; for the others, park the newest event per (id, service type), unless the id was just
+# deleted (a trailing event of the deleted instance) or the event is already
+# too old for any row created from now on. Writing a key that a concurrent
+# insert is writing too (its trigger) waits for that insert to finish.
+_PARK = f"""
+WITH ev AS ({_EVENTS}),
+upd AS ({_UPDATE_ROWS}),
+homeless AS (
+    SELECT ev.* FROM ev
+     WHERE NOT EXISTS (SELECT 1 FROM service_type_instances AS t WHERE t.instance_id = ev.instance_id)
+), after_delete AS (
+    SELECT h.instance_id FROM homeless AS h JOIN instance_tombstones AS d USING (instance_id)
+     WHERE d.deleted_at > now() - %(ttl)s::interval
+), park AS (
+    INSERT INTO parked_events AS p
+        (instance_id, service_type, status, status_message, provider_name, outputs,
+         event_time, stream_seq, expires_at)
+    SELECT h.instance_id, h.service_type, h.status, h.message, h.provider, h.outputs::jsonb,
+           h.event_time, h.seq, least(now() + %(ttl)s::interval, h.event_time + %(skew)s::interval)
+      FROM homeless AS h
+     WHERE h.instance_id NOT IN (SELECT instance_id FROM after_delete)
+       AND h.event_time + %(skew)s::interval >= now()
+    ON CONFLICT (instance_id, service_type) DO UPDATE
+       SET status = EXCLUDED.status,
+           status_message = EXCLUDED.status_message,
+           provider_name = EXCLUDED.provider_name,
+           outputs = EXCLUDED.outputs,
+           event_time = EXCLUDED.event_time,
+           stream_seq = EXCLUDED.stream_seq,
+           expires_at = EXCLUDED.expires_at,
+           id = nextval(pg_get_serial_sequence('parked_events', 'id'))
+     WHERE (p.event_time, p.stream_seq) < (EXCLUDED.event_time, EXCLUDED.stream_seq)
+    RETURNING 1
+)
+SELECT ARRAY(SELECT instance_id FROM upd), (SELECT count(*) FROM park), (SELECT count(*) FROM after_delete)
+"""
+
+# Then, in a statement of its own (so it sees inserts that committed while we
+# parked or waited), move parked events of these ids whose row exists now
+# onto the row, under the ordering and predecessor guards.
+_SETTLE = """
+WITH moved AS (
+    DELETE FROM parked_events AS p
+     USING service_type_instances AS t
+     WHERE p.instance_id = ANY(%(ids)s::text[])
+       AND t.instance_id = p.instance_id AND t.service_type = p.service_type
+    RETURNING p.*
+), upd AS (
+    UPDATE service_type_instances AS t
+       SET status = m.status,
+           status_message = m.status_message,
+           provider_name = m.provider_name,
+           outputs = COALESCE(m.outputs, t.outputs),
+           status_time = m.event_time,
+           status_seq = m.stream_seq,
+           updated_at = now()
+      FROM moved AS m
+     WHERE t.instance_id = m.instance_id AND t.service_type = m.service_type
+       AND (t.status_time, t.status_seq) < (m.event_time, m.stream_seq)
+       AND m.expires_at >= t.created_at
+    RETURNING t.instance_id
+)
+SELECT ARRAY(SELECT instance_id FROM upd), (SELECT count(*) FROM moved)
+"""
+
+# Keep parking bounded: drop what expired, then the oldest beyond the limit
+# (ids are renumbered on replacement, so the newest `limit` ids are the
+# newest parked events), and tombstones past the TTL.
+_PRUNE_PARKED = """
+WITH expired AS (
+    DELETE FROM parked_events WHERE expires_at < now() RETURNING 1
+), evicted AS (
+    DELETE FROM parked_events
+     WHERE id <= (SELECT max(id) FROM parked_events) - %(limit)s AND expires_at >= now()
+    RETURNING 1
+), tombstones AS (
+    DELETE FROM instance_tombstones WHERE deleted_at < now() - %(ttl)s::interval
+)
+SELECT (SELECT count(*) FROM expired), (SELECT count(*) FROM evicted)
 """
 
 _RECORD_REJECTIONS = """
@@ -85,9 +184,20 @@ _REFUSALS = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.RaiseExce
 class StatusStore:
     """Applies write batches to PostgreSQL; one connection, used by one writer."""
 
-    def __init__(self, conninfo: str, *, dead_letter_limit: int = 10_000) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        dead_letter_limit: int = 10_000,
+        max_clock_skew: timedelta = timedelta(minutes=5),
+        parked_ttl: timedelta = timedelta(minutes=5),
+        parked_limit: int = 100_000,
+    ) -> None:
         self._conninfo = conninfo
         self._dead_letter_limit = dead_letter_limit
+        self._skew = max_clock_skew
+        self._parked_ttl = parked_ttl
+        self._parked_limit = parked_limit
         self._conn: psycopg.Connection | None = None
 
     async def apply(self, batch: WriteBatch) -> BatchResult:
@@ -102,9 +212,9 @@ class StatusStore:
         conn = self._connection()
         try:
             with conn.transaction():
-                applied, unknown = 0, ()
+                result = _NOTHING
                 if batch.updates:
-                    applied, unknown = self._apply_updates(conn, batch)
+                    result = self._apply_updates(conn, batch)
                 if batch.rejections:
                     self._record_rejections(conn, batch)
         except _REFUSALS as exc:
@@ -114,11 +224,7 @@ class StatusStore:
             if conn.broken or conn.closed:
                 self._conn = None
             raise
-        return BatchResult(
-            applied=applied,
-            stale=len(batch.updates) - applied - len(unknown) + batch.superseded,
-            unknown=tuple(unknown),
-        )
+        return result
 
     def close(self) -> None:
         if self._conn is not None:
@@ -139,22 +245,42 @@ class StatusStore:
             )
         return self._conn
 
-    @staticmethod
-    def _apply_updates(conn: psycopg.Connection, batch: WriteBatch) -> tuple[int, list[str]]:
+    def _apply_updates(self, conn: psycopg.Connection, batch: WriteBatch) -> BatchResult:
         ups = batch.updates
-        params = (
-            [u.instance_id for u in ups],
-            [u.service_type for u in ups],
-            [u.status for u in ups],
-            [u.message for u in ups],
-            [u.provider for u in ups],
-            [None if u.outputs is None else u.outputs.decode() for u in ups],
-            [u.event_time for u in ups],
-            [u.stream_seq for u in ups],
-        )
+        params = {**_event_params(ups), "skew": self._skew}
         row = conn.execute(_APPLY_UPDATES, params).fetchone()
         assert row is not None
-        return row[0], row[1]
+        applied, unknown = row
+        parked = after_delete = expired = evicted = 0
+        if unknown:
+            # Rare in steady state: only batches that met unknown instances pay
+            # for parking, with up to three statements per batch, none per event.
+            missing = set(unknown)
+            homeless = [u for u in ups if u.instance_id in missing]
+            ids = [u.instance_id for u in homeless]
+            park = {**_event_params(homeless), "skew": self._skew, "ttl": self._parked_ttl}
+            found, parked, after_delete = conn.execute(_PARK, park).fetchone()  # type: ignore[misc]
+            if parked:
+                settled, moved = conn.execute(_SETTLE, {"ids": ids}).fetchone()  # type: ignore[misc]
+                parked -= moved
+                found += settled
+            if found:
+                # Rows inserted while this batch ran: applied now, no longer unknown.
+                applied += len(found)
+                now_known = set(found)
+                unknown = [i for i in unknown if i not in now_known]
+            if parked:
+                prune = {"ttl": self._parked_ttl, "limit": self._parked_limit}
+                expired, evicted = conn.execute(_PRUNE_PARKED, prune).fetchone()  # type: ignore[misc]
+        return BatchResult(
+            applied=applied,
+            stale=len(ups) - applied - len(unknown) + batch.superseded,
+            unknown=tuple(unknown),
+            parked=parked,
+            after_delete=after_delete,
+            parked_expired=expired,
+            parked_evicted=evicted,
+        )
 
     def _record_rejections(self, conn: psycopg.Connection, batch: WriteBatch) -> None:
         rs = batch.rejections
@@ -170,6 +296,22 @@ class StatusStore:
         )
         conn.execute(_RECORD_REJECTIONS, params)
         conn.execute(_PRUNE_REJECTIONS, (self._dead_letter_limit,))
+
+
+_NOTHING = BatchResult(0, 0, ())
+
+
+def _event_params(ups: list[StatusUpdate]) -> dict[str, list[Any]]:
+    return {
+        "ids": [u.instance_id for u in ups],
+        "types": [u.service_type for u in ups],
+        "statuses": [u.status for u in ups],
+        "messages": [u.message for u in ups],
+        "providers": [u.provider for u in ups],
+        "outputs": [None if u.outputs is None else u.outputs.decode() for u in ups],
+        "times": [u.event_time for u in ups],
+        "seqs": [u.stream_seq for u in ups],
+    }
 
 
 def _storable(text: str | None) -> str | None:
