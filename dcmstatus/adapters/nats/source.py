@@ -500,9 +500,13 @@ class JetStreamSource:
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
         log.info("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc.connected_url else "?")
-        # Pull requests do not survive a reconnect; messages delivered but not
-        # acked come back after ack_wait, so in-flight credit stays as it is.
-        self._forget_requests()
+        # The pull requests stay counted. They are the consumer's state on the
+        # server, which may still serve them to our inbox (re-subscribed under
+        # the same name): after a blip the server may not even have noticed.
+        # Forgetting them would let new requests double the credit. Requests a
+        # restarted server lost end by their expiry in _refill; until then the
+        # credit they hold waits (at most pull_expires + 1 s). Messages
+        # delivered but not acked keep their credit too.
         await self._refill()
 
 
