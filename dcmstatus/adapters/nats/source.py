@@ -185,8 +185,8 @@ class JetStreamSource:
         """One look of the stall watch; subscribe afresh when it says so."""
         nc = self._nc
         watch = self._watch
-        if nc is None or not nc.is_connected:
-            watch.hold()
+        if nc is None or not nc.is_connected or not self.consumer_ok:
+            watch.hold()  # health says so already; the reconnect or the consumer check mends it
             return
         was_stalled = watch.stalled
         # Every message received is either in flight or acked.
