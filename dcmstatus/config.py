@@ -109,6 +109,12 @@ class ServeConfig:
         64 * 1024 * 1024, "bytes of message bodies received but not yet acknowledged, at most", type=int
     )
     ack_wait: float = _opt(30.0, "seconds before NATS redelivers an unacknowledged message", type=float)
+    stall_timeout: float = _opt(
+        30.0,
+        "seconds without a message received or acknowledged, while the server holds a backlog or messages wait "
+        "for their commit, before health reports the consumer stalled (503) and intake is started afresh",
+        type=float,
+    )
     max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
     dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
     grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
@@ -165,7 +171,7 @@ class ServeConfig:
         for name in ("http_port", "nats_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 65535")
-        for name in ("batch_delay_ms", "ack_wait", "grace_period", "max_clock_skew", "parked_ttl"):
+        for name in ("batch_delay_ms", "ack_wait", "grace_period", "max_clock_skew", "parked_ttl", "stall_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if self.stream_max_age < 0:

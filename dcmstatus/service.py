@@ -79,6 +79,7 @@ class Service:
                 max_in_flight=config.max_in_flight,
                 max_in_flight_bytes=config.max_in_flight_bytes,
                 pull_batch=max(1, min(500, config.max_in_flight // 4)),
+                stall_timeout=config.stall_timeout,
             ),
             self.metrics,
         )

@@ -167,6 +167,16 @@ class Metrics:
             "Messages delivered more than once and still not acknowledged",
             registry=r,
         )
+        self.consumer_stalled = Gauge(
+            "dcmstatus_consumer_stalled",
+            "1 while intake is stalled: work waits and nothing was received or acknowledged for --stall-timeout",
+            registry=r,
+        )
+        self.consumer_resets = Counter(
+            "dcmstatus_consumer_resets_total",
+            "Times a stalled intake was restarted on a fresh subscription",
+            registry=r,
+        )
 
     def observe_batch(self, batch: WriteBatch[Any], result: BatchResult, committed_at: datetime | None = None) -> None:
         """Record the event lag of a committed batch: `committed_at` (default:

@@ -26,6 +26,7 @@ class FakeNC:
     def __init__(self) -> None:
         self.is_connected = True
         self.is_closed = False
+        self.connected_url = None
         self.pulls: list[dict] = []
         self.acks: list[str] = []
 
@@ -233,3 +234,55 @@ async def test_bytes_in_flight_never_exceed_the_byte_budget():
     await source._ack_and_refill(tokens)
     assert source._bytes_in_flight == 14 * mib
     assert len(nc.pulls) == 18, "acked bytes were not given back to pull with"
+
+
+async def serve_every_request(source, nc, served: int, size: int = 1) -> int:
+    """The fake server delivers all that the pull requests from `served` on ask for."""
+    seq = 1_000_000 + served * 10_000
+    for pull in nc.pulls[served:]:
+        for _ in range(pull["batch"]):
+            seq += 1
+            msg = SimpleNamespace(headers=None, reply=message(seq).reply, subject="dcm.vm", data=b"x" * size)
+            await source._on_message(msg)
+    return len(nc.pulls)
+
+
+@pytest.mark.parametrize("bound", ["messages", "bytes"])
+async def test_a_reconnect_does_not_double_the_credit(bound):
+    """After a blip the server still holds our pull requests (they are the
+    consumer's state) and serves them to the re-subscribed inbox. Requests sent
+    on top of them must stay within the credit."""
+    mib = 1024 * 1024
+    if bound == "messages":
+        settings = NatsSettings(url="nats://fake", max_in_flight=1000, max_ack_pending=2000, pull_batch=100)
+        size = 1
+    else:  # 16 requests of 1 MiB each fill the byte budget; messages of 1/4 MiB
+        settings = NatsSettings(
+            url="nats://fake", max_in_flight=1000, max_ack_pending=2000, pull_batch=4, max_in_flight_bytes=16 * mib,
+        )
+        size = mib // 4
+    source = JetStreamSource(settings, Metrics())
+    nc = FakeNC()
+    source._nc = nc
+    send, _ = trio.open_memory_channel(float("inf"))
+    source._deliveries = send
+    await source._refill()
+    sent_before = len(nc.pulls)
+    await source._on_reconnected()
+    await serve_every_request(source, nc, 0, size)  # the old requests and any new ones
+    assert source._in_flight <= settings.max_in_flight, f"{len(nc.pulls) - sent_before} requests sent on top"
+    assert source._bytes_in_flight <= settings.max_in_flight_bytes
+    assert source._in_flight + source._requested <= settings.max_in_flight
+
+
+async def test_requests_a_restarted_server_lost_are_replaced_once_expired(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(nats_source.time, "monotonic", lambda: now[0])
+    source, nc, _ = make_source(max_in_flight=1000, pull_batch=100)
+    await source._refill()
+    now[0] += 1.0  # restarted and reconnected: the server forgot the requests, we cannot tell
+    await source._on_reconnected()
+    assert len(nc.pulls) == 10, "the old requests may still be served: no new ones yet"
+    now[0] = 1000.0 + source.settings.pull_expires + 1.5  # the old requests have expired on any server
+    await source._refill()
+    assert len(nc.pulls) == 20 and source._requested == 1000

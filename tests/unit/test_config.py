@@ -205,3 +205,17 @@ def test_help_names_env_variables_and_defaults(capsys):
     for expected in ("[env DCMSTATUS_HTTP_PORT; default 8080]", "DCMSTATUS_CONFIG", "--log-format {text,json}",
                      "[env DCMSTATUS_API_TOKEN_FILE; default none]"):
         assert expected in text
+
+
+def test_stall_timeout_is_an_option_and_reaches_the_nats_source():
+    from dcmstatus.core.catalog import Catalog
+    from dcmstatus.service import Service
+
+    config, sources = _load([], {"DCMSTATUS_STALL_TIMEOUT": "12.5"})
+    assert config.stall_timeout == 12.5 and sources["stall_timeout"] == "env DCMSTATUS_STALL_TIMEOUT"
+    assert _load(["--stall-timeout", "45"])[0].stall_timeout == 45.0
+    assert ServeConfig().stall_timeout == 30.0
+    with pytest.raises(ConfigError, match="--stall-timeout must be positive"):
+        _load(["--stall-timeout", "0"])
+    service = Service(config, "nats://127.0.0.1:1", "postgresql://127.0.0.1:1/x", Catalog.default())
+    assert service.source.settings.stall_timeout == 12.5

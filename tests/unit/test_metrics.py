@@ -81,9 +81,16 @@ def test_consumer_gauges_from_consumer_info():
         }
     )
     metrics.observe_consumer(info)
-    s = _samples(metrics, "dcmstatus_consumer_")
+    s = {k: v for k, v in _samples(metrics, "dcmstatus_consumer_").items() if k[0].endswith("_messages")}
     assert s == {
         ("dcmstatus_consumer_pending_messages", ()): 1234,
         ("dcmstatus_consumer_ack_pending_messages", ()): 56,
         ("dcmstatus_consumer_redelivered_messages", ()): 7,
     }
+
+
+def test_stall_metrics_are_exported_from_the_start():
+    # Alerting on them needs the series before the first stall.
+    s = _samples(Metrics(), "dcmstatus_consumer_")
+    assert s[("dcmstatus_consumer_stalled", ())] == 0
+    assert s[("dcmstatus_consumer_resets_total", ())] == 0

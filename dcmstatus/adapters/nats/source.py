@@ -14,7 +14,10 @@ opens the loop). Two field-notes facts shape this module:
   stalled database therefore stops the pulls, not the process.
 
 Nothing reports a consumer deleted behind our back, so a ticker checks
-`consumer_info` and recreates it.
+`consumer_info` and recreates it. Nothing reports a subscription that silently
+stopped delivering either, so the same ticker feeds a stall watch
+(`dcmstatus.core.stall`): health says `stalled`, and a stall on the delivery
+side starts intake afresh on a new inbox (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import trio_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from dcmstatus.core.model import Delivery
+from dcmstatus.core.stall import StallWatch, Verdict
 from dcmstatus.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,7 @@ class NatsSettings(msgspec.Struct, frozen=True):
     pull_batch: int = 500
     pull_expires: float = 5.0
     check_interval: float = 5.0  # consumer existence check
+    stall_timeout: float = 30.0  # work waiting and nothing received or acked this long: stalled
 
 
 class JetStreamSource:
@@ -82,7 +87,9 @@ class JetStreamSource:
         self._sizes: dict[str, int] = {}
         self._request_bytes = 0  # set once connected (needs the server's max_payload)
         self._intake_closed = False
+        self._backlog = 0  # messages the server has not yet delivered to the consumer, last we asked
         self.consumer_ok = False
+        self._watch = StallWatch(settings.stall_timeout)
 
     # ---- trio side -------------------------------------------------------
 
@@ -105,6 +112,8 @@ class JetStreamSource:
             await trio.sleep(min(1.0, s.pull_expires / 2))
             if self._stopping:
                 break
+            # Before the check: progress seen now predates the backlog it counts.
+            await self._watch_intake()
             if trio.current_time() >= next_check:
                 next_check = trio.current_time() + s.check_interval
                 await trio_asyncio.aio_as_trio(self._check_consumer)()
@@ -161,13 +170,49 @@ class JetStreamSource:
             connection = "closed"
         else:
             connection = "disconnected"
-        consumer = "subscribed" if (self.consumer_ok and self._sub is not None and not self._stopping) else "not subscribed"
+        if not (self.consumer_ok and self._sub is not None and not self._stopping):
+            consumer = "not subscribed"
+        elif self._watch.stalled:
+            consumer = "stalled"
+        else:
+            consumer = "subscribed"
         return {"nats": connection, "consumer": consumer}
 
     @property
     def healthy(self) -> bool:
         h = self.health()
         return h["nats"] == "connected" and h["consumer"] == "subscribed"
+
+    async def _watch_intake(self) -> None:
+        """One look of the stall watch; subscribe afresh when it says so."""
+        nc = self._nc
+        watch = self._watch
+        if nc is None or not nc.is_connected or not self.consumer_ok:
+            watch.hold()  # health says so already; the reconnect or the consumer check mends it
+            return
+        was_stalled = watch.stalled
+        # Every message received is either in flight or acked.
+        acked = self._received - self._in_flight
+        verdict = watch.observe(trio.current_time(), moved=self._received + acked, in_flight=self._in_flight)
+        self._metrics.consumer_stalled.set(1 if watch.stalled else 0)
+        timeout = self.settings.stall_timeout
+        if verdict is Verdict.RESET:
+            log.warning(
+                "intake stalled: the server holds %d messages for consumer %s and none arrived for %.0fs; "
+                "subscribing afresh", self._backlog, self.settings.durable, timeout,
+            )
+            self._metrics.consumer_resets.inc()
+            try:
+                await trio_asyncio.aio_as_trio(self._resubscribe)()
+            except Exception as exc:  # the connection went meanwhile: the next reset is due after `timeout`
+                log.warning("could not subscribe afresh (%s); trying again in %.0fs", exc, timeout)
+        elif verdict is Verdict.STALLED and not was_stalled:
+            log.warning(
+                "intake stalled: %d messages received and none acknowledged for %.0fs; the writes are not committing",
+                self._in_flight, timeout,
+            )
+        elif was_stalled and not watch.stalled:
+            log.info("intake is moving again")
 
     async def _connect(self) -> None:
         delay = 0.5
@@ -279,6 +324,8 @@ class JetStreamSource:
             info = await self._js.consumer_info(self.stream, s.durable, timeout=2)
             self.consumer_ok = True
             self._metrics.observe_consumer(info)
+            self._backlog = info.num_pending or 0
+            self._watch.saw_backlog(self._backlog)
         except nats.js.errors.NotFoundError:
             self.consumer_ok = False
             log.warning("durable consumer %s was deleted on the server; recreating it", s.durable)
@@ -458,6 +505,26 @@ class JetStreamSource:
         self._requests.clear()
         self._requested = 0
 
+    async def _resubscribe(self) -> None:
+        """Intake afresh after a stall: a new inbox, new pull requests.
+
+        What the server may still send for the old requests goes to the old
+        inbox, where nobody listens (redelivered after ack_wait), so it never
+        arrives uncounted on top of the new ones. Messages already received
+        keep their credit until acked, as always: in-flight counts stay.
+        """
+        old = self._sub
+        self._forget_requests()
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception as exc:  # already gone on our side, or the connection is
+                log.debug("unsubscribing the stalled inbox: %s", exc)
+        # The fast path hook filters on the old subscription's id: remove it
+        # (nats-py's own method shows through again) so the new one replaces it.
+        vars(self._nc).pop("_process_msg", None)
+        await self._subscribe()
+
     async def _on_error(self, exc: Exception) -> None:
         log.warning("NATS error: %s", exc)
 
@@ -468,9 +535,13 @@ class JetStreamSource:
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
         log.info("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc.connected_url else "?")
-        # Pull requests do not survive a reconnect; messages delivered but not
-        # acked come back after ack_wait, so in-flight credit stays as it is.
-        self._forget_requests()
+        # The pull requests stay counted. They are the consumer's state on the
+        # server, which may still serve them to our inbox (re-subscribed under
+        # the same name): after a blip the server may not even have noticed.
+        # Forgetting them would let new requests double the credit. Requests a
+        # restarted server lost end by their expiry in _refill; until then the
+        # credit they hold waits (at most pull_expires + 1 s). Messages
+        # delivered but not acked keep their credit too.
         await self._refill()
 
 
