@@ -141,7 +141,7 @@ class ServeConfig:
         None, "the page token secret itself (environment or config file only, never a flag)", secret=True, flag=False
     )
     # `[service_types.<name>]` tables of the config file, merged into the
-    # contract's catalog (CONTRACT §4); not a flag or environment variable.
+    # built-in catalog (docs/statuses.md); not a flag or environment variable.
     service_types: Mapping[str, Any] = field(default_factory=dict, metadata={"flag": False, "env": False})
 
     @property

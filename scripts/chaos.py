@@ -4,7 +4,7 @@ that nothing was lost and no status is wrong.
 
     .venv/bin/python scripts/chaos.py --instances 2000 --events 100 --faults 20
 
-It starts its own embedded nats-server and PostgreSQL (dcmstatus.embedded)
+It starts its own embedded nats-server and PostgreSQL (dcmstatus.devtools.embedded)
 under a temporary directory and its own `dcmstatus serve` subprocess(es), then:
 
 1. creates the instances (rows in PROVISIONING) and builds the workload:

@@ -1,5 +1,5 @@
 """The service-type catalog: which service types exist, their canonical
-statuses and the aliases providers report instead (CONTRACT §4).
+statuses and the aliases providers report instead (docs/statuses.md).
 
 This is configuration, not code: `Catalog.default()` is the contract's table,
 `Catalog.from_mapping()` reads the same shape from a plain dict (e.g. a TOML
@@ -49,7 +49,7 @@ _DEFAULT_TYPES: Final = (
     ServiceType(
         "vm",
         ("PROVISIONING", "RUNNING", "STOPPING", "STOPPED", "PAUSED", "FAILED", "DELETING", "DELETED"),
-        # KubeVirt VM phases (publishers.md).
+        # KubeVirt VM phases (docs/statuses.md#aliases).
         {
             "Pending": "PROVISIONING",
             "Scheduling": "PROVISIONING",
@@ -64,7 +64,7 @@ _DEFAULT_TYPES: Final = (
     ServiceType(
         "cluster",
         ("PROGRESSING", "ACTIVE", "DEGRADED", "UNAVAILABLE", "FAILED", "DELETING", "DELETED"),
-        # ACM cluster SP (publishers.md).
+        # ACM cluster SP (docs/statuses.md#aliases).
         {"PENDING": "PROGRESSING", "PROVISIONING": "PROGRESSING", "READY": "ACTIVE"},
     ),
     ServiceType("database", ("PENDING", "RUNNING", "FAILED", "UNKNOWN", "DELETED")),
@@ -95,7 +95,7 @@ class Catalog:
 
     @classmethod
     def default(cls) -> Catalog:
-        """The contract's six service types and default aliases (CONTRACT §4)."""
+        """The six built-in service types and their aliases (docs/statuses.md#the-built-in-catalog)."""
         return cls(_DEFAULT_TYPES)
 
     @classmethod

@@ -12,7 +12,8 @@ from typing import Any, Final
 
 import msgspec
 
-# The fixed vocabulary of CONTRACT §3, used in logs, metrics and dead letters.
+# The fixed vocabulary of rejection reasons, used in logs, metrics and dead
+# letters (docs/events.md#rejections).
 MALFORMED_JSON: Final = "malformed_json"
 INVALID_ENVELOPE: Final = "invalid_envelope"
 UNSUPPORTED_SPECVERSION: Final = "unsupported_specversion"
@@ -63,7 +64,7 @@ class StatusUpdate(msgspec.Struct, frozen=True, gc=False):
     stream_seq: int
 
     def order_key(self) -> tuple[datetime, int]:
-        """The ordering guard of CONTRACT §5: event time, then stream sequence."""
+        """The ordering guard (docs/events.md#ordering): event time, then stream sequence."""
         return (self.event_time, self.stream_seq)
 
 

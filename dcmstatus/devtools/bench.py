@@ -19,7 +19,7 @@ databases and its own stream/subjects (`dcmbench.*`), never on dcm.*.
 
 from __future__ import annotations
 
-import trio_asyncio  # isort: skip  # before psycopg (field notes)
+import trio_asyncio  # isort: skip  # before psycopg (docs/architecture.md#import-order)
 
 import argparse
 import asyncio
@@ -60,7 +60,8 @@ PREFIX = "dcmbench"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 # (service type, share of instances, statuses providers report, source) — the
-# shapes of publishers.md: kubevirt's mixed-case phases, ACM's aliases, networks' outputs.
+# shapes of today's providers: kubevirt's mixed-case phases, ACM's aliases
+# (docs/statuses.md#aliases), networks' outputs.
 SHAPES = [
     ("vm", 0.4, ["Pending", "Scheduled", "Running", "Succeeded", "Failed"], "kubevirt.localhost"),
     ("container", 0.2, ["PENDING", "RUNNING", "FAILED", "UNKNOWN"], "dcm/providers/k8s-container-sp"),

@@ -133,7 +133,7 @@ class Pipeline:
                         except trio.EndOfChannel:
                             break
                         # One checkpoint per burst, not per message: drain what is
-                        # already queued (field notes: halves the per-message cost).
+                        # already queued (halves the per-message cost: docs/performance.md#why-it-is-fast).
                         burst = [first]
                         try:
                             while len(builder) + len(burst) < max_batch:

@@ -1,4 +1,4 @@
-"""The HTTP API (CONTRACT §6) end to end: the real app served by hypercorn on
+"""The HTTP API (docs/http-api.md) end to end: the real app served by hypercorn on
 trio on a loopback port, a real PostgreSQL, and a plain HTTP client
 (http.client in a worker thread, so nothing in the client is trio-aware).
 """

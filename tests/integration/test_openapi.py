@@ -1,4 +1,4 @@
-"""The OpenAPI document (dcmstatus/openapi.json) against the live API.
+"""The OpenAPI document (dcmstatus/adapters/http/openapi.json) against the live API.
 
 - schemathesis generates valid and invalid requests for every documented
   operation and checks each response against the document (status code,

@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-import trio_asyncio  # noqa: F401  # before psycopg (field notes)
+import trio_asyncio  # noqa: F401  # before psycopg (docs/architecture.md#import-order)
 
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore

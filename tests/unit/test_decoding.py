@@ -1,4 +1,4 @@
-"""Event decoding (CONTRACT §3): publishers' real bodies, the CloudEvents rules,
+"""Event decoding (docs/events.md): publishers' real bodies, the CloudEvents rules,
 the mapping to an update, every rejection reason, and hostile input."""
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ def binary_headers(**attrs) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------
-# The example bodies of publishers.md, byte for byte.
+# Bodies as today's providers publish them, byte for byte (kubevirt's is the
+# example in docs/events.md#mapping).
 
 KUBEVIRT = b'{"specversion":"1.0","id":"3f0c9b52-6a51-4c1e-9d0e-2b8f2f5d7a11","source":"kubevirt.localhost","type":"dcm.status.vm","subject":"dcm.vm","datacontenttype":"application/json","time":"2026-04-09T13:08:32.123456789Z","data":{"id":"6c1e7f0a-2a4b-4b8e-9f3d-0d2c5e9a1b77","status":"Running","timestamp":"2026-04-09T13:08:32.123456789Z"}}'
 STORAGE = b'{"specversion":"1.0","id":"8a2d4e6f-1b3c-4d5e-8f90-a1b2c3d4e5f6","source":"dcm/providers/k8s-storage-sp","type":"dcm.status.storage","subject":"dcm.storage","datacontenttype":"application/json","time":"2026-08-18T16:18:57.418203114Z","data":{"id":"abc-123","status":"RUNNING","message":"PVC is bound to volume pvc-9f1e2d3c"}}'

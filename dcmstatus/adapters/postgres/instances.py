@@ -50,7 +50,7 @@ _UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool
 
 
 class Instance(msgspec.Struct, frozen=True):
-    """One row of service_type_instances, with the contract's JSON names (§6)."""
+    """One row of service_type_instances, with the API's JSON names (docs/http-api.md#instances)."""
 
     id: str
     path: str  # "service-type-instances/<id>"

@@ -1,6 +1,7 @@
-"""Schema migrations: forward-only SQL files in dcmstatus/migrations, applied in
-name order, each once, under an advisory lock so replicas starting together
-never race. Used at start-up by `serve` and by `dcmstatus migrate`.
+"""Schema migrations: forward-only SQL files in migrations/ beside this
+module, applied in name order, each once, under an advisory lock so replicas
+starting together never race. Used at start-up by `serve` and by
+`dcmstatus migrate` (docs/database.md#migrations).
 """
 
 from __future__ import annotations

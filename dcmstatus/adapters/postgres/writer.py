@@ -1,11 +1,12 @@
 """The PostgreSQL write path: one transaction per WriteBatch, holding the
-set-based status UPDATE (with the contract's ordering guard) and the
-dead-letter INSERT, so one commit makes every message of the batch safe to ack.
+set-based status UPDATE (with the ordering guard, docs/database.md#the-status-update)
+and the dead-letter INSERT, so one commit makes every message of the batch
+safe to ack.
 
-psycopg runs synchronously in a worker thread (field notes: as fast as the
-async driver under trio-asyncio, and simpler to cancel). Each writer owns one
-`StatusStore` and so one connection; a broken connection is dropped and
-re-opened on the next attempt.
+psycopg runs synchronously in a worker thread: as fast as the async driver
+under trio-asyncio, and simpler to cancel (docs/performance.md#why-it-is-fast).
+Each writer owns one `StatusStore` and so one connection; a broken connection
+is dropped and re-opened on the next attempt.
 """
 
 from __future__ import annotations
