@@ -80,7 +80,9 @@ class FakeServer:
         assert sid not in self.subs, "the adapter's own hook takes the messages of its subscription"
 
     async def stream_info(self, stream: str):
-        return SimpleNamespace(config=SimpleNamespace(subjects=["dcm.*"]))
+        return SimpleNamespace(
+            config=SimpleNamespace(name=stream, subjects=["dcm.*"], max_age=3600.0, max_bytes=-1, max_msgs=-1)
+        )
 
     async def consumer_info(self, stream: str, durable: str, timeout: float | None = None):
         return SimpleNamespace(

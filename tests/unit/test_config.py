@@ -217,5 +217,5 @@ def test_stall_timeout_is_an_option_and_reaches_the_nats_source():
     assert ServeConfig().stall_timeout == 30.0
     with pytest.raises(ConfigError, match="--stall-timeout must be positive"):
         _load(["--stall-timeout", "0"])
-    service = Service(config, "nats://127.0.0.1:1", "postgresql://127.0.0.1:1/x", Catalog.default())
+    service = Service(config, "nats://127.0.0.1:1", "postgresql://127.0.0.1:1/x", Catalog.default(), b"k" * 32)
     assert service.source.settings.stall_timeout == 12.5
