@@ -84,7 +84,7 @@ def test_nats_taken_port_falls_back_to_a_free_one(tmp_path: Path):
 def test_nats_uses_the_preferred_port_when_free(tmp_path: Path):
     port = free_port()
     with EmbeddedNats(tmp_path, port=port) as server:
-        assert server.url == f"nats://127.0.0.1:{port}"
+        assert server.url == f"nats://{server.token}@127.0.0.1:{port}"
     assert not server.running
 
 
@@ -145,7 +145,7 @@ def test_postgres_taken_port_falls_back_and_listens_on_a_socket_too(pg_data_dir:
         port = taken.getsockname()[1]
         with EmbeddedPostgres(pg_data_dir, port=port, fsync=False, template=pg_template) as server:
             assert server.port != port
-            assert server.url == f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+            assert server.url == f"postgresql://postgres:{server.password}@127.0.0.1:{server.port}/postgres"
             assert server.socket_dir is not None
             with psycopg.connect(host=str(server.socket_dir), port=server.port, user="postgres") as conn:
                 assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
