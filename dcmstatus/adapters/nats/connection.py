@@ -145,8 +145,14 @@ async def open_connection(url: str, security: NatsSecurity, **options: Any) -> A
     try:
         await client.connect(url, error_cb=on_error, **security.connect_options(), **options)
     except _Refused as refused:
-        with contextlib.suppress(Exception):
-            await client.close()
+        # Not client.close(): after a failed TLS upgrade it waits forever for
+        # the plain transport to report closing. Nothing else runs yet (the
+        # reader, pinger and flusher start once connected): closing the
+        # socket is all there is to clean up.
+        transport = getattr(client, "_transport", None)
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
         raise _explain(refused.cause, url, security) from None
     connected = True
     return client
