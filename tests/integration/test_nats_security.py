@@ -10,6 +10,8 @@ import base64
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -147,8 +149,8 @@ async def test_tls_client_certificate_is_verified(secured_nats, tls_files):
 async def test_tls_without_the_client_certificate_the_server_wants_is_refused(secured_nats, tls_files):
     server = secured_nats(tls_conf(tls_files, verify=True))
     message = await refusal(server.address("tls"), NatsSecurity(tls_ca=tls_files["ca"], tls_url=True))
-    assert "TLS handshake failed" in message
-    assert "--nats-tls-cert and --nats-tls-key" in message
+    assert "verifies client certificates and none was given" in message
+    assert "give --nats-tls-cert and --nats-tls-key" in message
 
 
 # ------------------------------------------------------------ token, password
@@ -273,3 +275,42 @@ async def test_creds_of_an_account_the_server_does_not_know_are_refused(secured_
     server = secured_nats(conf)
     message = await refusal(server.address(), NatsSecurity(creds=stranger))
     assert "refused the credentials" in message and f"check the credentials file {stranger}" in message
+
+
+# ------------------------------------------------------------- the service
+
+
+def test_serve_consumes_from_a_secured_nats_and_publish_takes_the_same_options(secured_nats, tls_files, tmp_path, database_url, capsys):
+    from test_service import start_service, wait_for
+
+    import dcmstatus.cli.commands as cli
+
+    server = secured_nats(tls_conf(tls_files) + 'authorization {\n  token: "s3rve-t0ken"\n}\n')
+    token_file = tmp_path / "token"
+    token_file.write_text("s3rve-t0ken\n")
+    options = ["--nats-tls-ca", str(tls_files["ca"]), "--nats-token-file", str(token_file)]
+    svc = start_service(tmp_path, server.address("tls"), database_url, *options)
+    try:
+        assert svc.http("POST", "/api/v1/service-type-instances?id=vm1", {"service_type": "vm", "spec": {}})[0] == 201
+        argv = ["publish", "--nats-url", server.address("tls"), *options,
+                "--service-type", "vm", "--instance", "vm1", "--status", "RUNNING"]  # fmt: skip
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        wait_for(lambda: svc.http("GET", "/api/v1/service-type-instances/vm1")[1]["status"] == "RUNNING", "RUNNING")
+    finally:
+        assert svc.stop() == 0
+    assert "s3rve-t0ken" not in svc.log()
+
+
+def test_serve_with_a_wrong_token_stops_at_once_saying_so(secured_nats, tmp_path, database_url):
+    server = secured_nats('authorization {\n  token: "s3rve-t0ken"\n}\n')
+    token_file = tmp_path / "token"
+    token_file.write_text("not-the-t0ken\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "dcmstatus", "serve", "--nats-url", server.address(), "--database-url", database_url,
+         "--nats-token-file", str(token_file), "--http-port", "0", "--data-dir", str(tmp_path / "svc")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "AccessDenied: NATS at nats://127.0.0.1:" in result.stderr
+    assert "refused the credentials (nats: 'Authorization Violation'); check the token" in result.stderr
+    assert "not-the-t0ken" not in result.stdout + result.stderr

@@ -97,16 +97,28 @@ class _Refused(Exception):
         self.cause = cause
 
 
-def _is_refusal(exc: BaseException) -> bool:
-    if isinstance(exc, ssl.SSLError):  # verification failures included
+def _wants_a_client_certificate(exc: BaseException, server_info: dict[str, Any], security: NatsSecurity) -> bool:
+    # With TLS 1.3 the server rejects a missing client certificate after the
+    # client thinks the handshake is done: what we see is then the alert, or
+    # (a race) the socket closing under our CONNECT. The server's INFO, sent
+    # before TLS, says whether it verifies clients.
+    return isinstance(exc, OSError) and bool(server_info.get("tls_verify")) and security.tls_cert is None
+
+
+def _is_refusal(exc: BaseException, server_info: dict[str, Any], security: NatsSecurity) -> bool:
+    if isinstance(exc, ssl.SSLError) or _wants_a_client_certificate(exc, server_info, security):
         return True
     text = str(exc).lower()
     # nats-server's -ERR texts: 'Authorization Violation', 'User Authentication Expired', ...
     return "authorization violation" in text or "authentication" in text
 
 
-def _explain(exc: BaseException, url: str, security: NatsSecurity) -> AccessDenied:
+def _explain(exc: BaseException, server_info: dict[str, Any], url: str, security: NatsSecurity) -> AccessDenied:
     where = f"NATS at {redact_url(url)}"
+    if _wants_a_client_certificate(exc, server_info, security):
+        return AccessDenied(
+            f"{where} verifies client certificates and none was given: give --nats-tls-cert and --nats-tls-key"
+        )
     if isinstance(exc, ssl.SSLCertVerificationError):
         return AccessDenied(
             f"{where}: its TLS certificate is not trusted ({exc.verify_message or exc.reason}); "
@@ -120,6 +132,12 @@ def _explain(exc: BaseException, url: str, security: NatsSecurity) -> AccessDeni
         )
         return AccessDenied(f"{where}: the TLS handshake failed ({exc.reason or exc}); {hint}")
     return AccessDenied(f"{where} refused the credentials ({exc}); {security.credentials_hint()}")
+
+
+def _server_info(client: Any) -> dict[str, Any]:
+    """The INFO the server last sent (nats-py keeps it, without an accessor)."""
+    info = getattr(client, "_server_info", None)
+    return info if isinstance(info, dict) else {}
 
 
 async def open_connection(url: str, security: NatsSecurity, **options: Any) -> Any:
@@ -136,7 +154,7 @@ async def open_connection(url: str, security: NatsSecurity, **options: Any) -> A
         # nats-py keeps retrying a refused first connect as if the server were
         # away; raising here is the one way out of its loop. Later (a refused
         # reconnect) the error is only reported: the connection was good once.
-        if not connected and _is_refusal(exc):
+        if not connected and _is_refusal(exc, _server_info(client), security):
             raise _Refused(exc)
         if error_cb is not None:
             await error_cb(exc)
@@ -153,6 +171,6 @@ async def open_connection(url: str, security: NatsSecurity, **options: Any) -> A
         if transport is not None:
             with contextlib.suppress(Exception):
                 transport.close()
-        raise _explain(refused.cause, url, security) from None
+        raise _explain(refused.cause, _server_info(client), url, security) from None
     connected = True
     return client
