@@ -446,7 +446,8 @@ def _with_nats_secrets(config: ServeConfig, sources: dict[str, str]) -> ServeCon
         option = _flag(f"{name}_file")
         if getattr(config, name) is not None:
             raise ConfigError(f"both {env_name(name)} and {option} ({sources[f'{name}_file']}) are set: keep one")
-        config = replace(config, **{name: _read_secret(path, option)})
+        secret: dict[str, Any] = {name: _read_secret(path, option)}
+        config = replace(config, **secret)
         sources[name] = f"file {path}"
     return config
 

@@ -274,7 +274,11 @@ class _ServerProcess:
                 raise
             self._port = port
             break
-        self._on_ready(self._port)
+        try:
+            self._on_ready(port)
+        except BaseException:
+            self.stop()  # a server we could not finish setting up must not stay behind
+            raise
         self.startup_seconds = time.monotonic() - t0
         log.info(
             "%s ready at %s in %.2fs (pid %d, log %s)",

@@ -145,7 +145,7 @@ async def open_connection(url: str, security: NatsSecurity, **options: Any) -> A
 
     Raises AccessDenied when the server refuses us. Other failures are
     nats-py's (and only happen when `options` limit its retries)."""
-    import nats
+    from nats.aio.client import Client
 
     error_cb = options.pop("error_cb", None)
     connected = False
@@ -159,7 +159,7 @@ async def open_connection(url: str, security: NatsSecurity, **options: Any) -> A
         if error_cb is not None:
             await error_cb(exc)
 
-    client = nats.NATS()
+    client = Client()
     try:
         await client.connect(url, error_cb=on_error, **security.connect_options(), **options)
     except _Refused as refused:
