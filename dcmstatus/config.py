@@ -15,18 +15,23 @@ import argparse
 import difflib
 import json
 import os
-import re
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dcmstatus.core.catalog import Catalog
 from dcmstatus.core.errors import ConfigError
+from dcmstatus.core.redaction import REDACTED, redact_url
+
+if TYPE_CHECKING:
+    from dcmstatus.adapters.nats.connection import NatsSecurity
 
 __all__ = [
     "CONFIG_ENV",
+    "NATS_OPTIONS",
     "ConfigError",
     "ServeConfig",
     "add_serve_options",
@@ -41,7 +46,6 @@ CONFIG_ENV = "DCMSTATUS_CONFIG"
 MIN_SECRET_CHARS = 16
 # The durable consumers of DCM's own components (docs/dcm.md#durables).
 DCM_DURABLES = frozenset({"control-plane", "service-provider-manager", "placement-manager"})
-_REDACTED = "***"
 
 
 def _opt(
@@ -52,10 +56,11 @@ def _opt(
     secret: bool = False,
     choices: tuple[str, ...] | None = None,
     flag: bool = True,
+    file: bool = True,
 ) -> Any:
     return field(
         default=default,
-        metadata={"help": help, "type": type, "secret": secret, "choices": choices, "flag": flag},
+        metadata={"help": help, "type": type, "secret": secret, "choices": choices, "flag": flag, "file": file},
     )
 
 
@@ -70,6 +75,23 @@ def _lower(text: str) -> str:
 @dataclass(frozen=True)
 class ServeConfig:
     nats_url: str | None = _opt(None, "NATS server URL; with neither URL given, an embedded nats-server is started", secret=True)
+    # Credentials and TLS for an external NATS (docs/security.md). Secrets
+    # themselves come from files or the environment: never a flag (the
+    # process list shows flags to every local user) nor the config file.
+    nats_creds: Path | None = _opt(None, "NATS credentials file (user JWT and nkey seed, as nsc writes it)", type=Path)
+    nats_nkey_seed: Path | None = _opt(None, "file holding the NATS user's nkey seed (SU...)", type=Path)
+    nats_user: str | None = _opt(None, "NATS user name (the password from --nats-password-file or DCMSTATUS_NATS_PASSWORD)")
+    nats_password_file: Path | None = _opt(None, "file holding the NATS user's password", type=Path)
+    nats_password: str | None = _opt(
+        None, "the NATS password itself (environment only)", secret=True, flag=False, file=False
+    )
+    nats_token_file: Path | None = _opt(None, "file holding the NATS authentication token", type=Path)
+    nats_token: str | None = _opt(None, "the NATS token itself (environment only)", secret=True, flag=False, file=False)
+    nats_tls_ca: Path | None = _opt(
+        None, "CA certificate(s), PEM, that verify the NATS server (else the system's); turns TLS on", type=Path
+    )
+    nats_tls_cert: Path | None = _opt(None, "client certificate, PEM, for a NATS server that verifies clients; turns TLS on", type=Path)
+    nats_tls_key: Path | None = _opt(None, "private key, PEM, of --nats-tls-cert (unless in that file)", type=Path)
     database_url: str | None = _opt(
         None, "PostgreSQL URL (libpq); with neither URL given, an embedded PostgreSQL is started", secret=True
     )
@@ -152,8 +174,54 @@ class ServeConfig:
         """The contract's catalog with this configuration's service types merged in."""
         return Catalog.default().merged(self.service_types)
 
+    def nats_security(self) -> NatsSecurity:
+        """Credentials and TLS of the NATS connection, as the adapter takes them."""
+        from dcmstatus.adapters.nats.connection import NatsSecurity
+
+        return NatsSecurity(
+            creds=self.nats_creds,
+            nkey_seed=self.nats_nkey_seed,
+            user=self.nats_user,
+            password=self.nats_password,
+            token=self.nats_token,
+            tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert,
+            tls_key=self.nats_tls_key,
+            tls_url=(self.nats_url or "").lower().startswith("tls://"),
+        )
+
+    def validate_nats(self) -> None:
+        """The NATS connection options alone (what `dcmstatus publish` uses)."""
+        given = [_label(name) for name in _NATS_SECURITY if getattr(self, name) is not None]
+        if given and self.nats_url is None:
+            raise ValueError(
+                f"{given[0]} is for a NATS server given with --nats-url; "
+                "the embedded nats-server uses the token it generates (in runtime.json)"
+            )
+        if (self.nats_user is None) != (self.nats_password is None):
+            raise ValueError(
+                "--nats-user needs a password (--nats-password-file or DCMSTATUS_NATS_PASSWORD)"
+                if self.nats_user is not None
+                else "a NATS password is set but --nats-user is not: give the user name too"
+            )
+        methods = [
+            flag
+            for flag, value in (
+                ("--nats-creds", self.nats_creds),
+                ("--nats-nkey-seed", self.nats_nkey_seed),
+                ("--nats-user", self.nats_user),
+                ("a NATS token", self.nats_token),
+            )
+            if value is not None
+        ]
+        if len(methods) > 1:
+            raise ValueError(f"{' and '.join(methods)} are both set: NATS takes one way to authenticate, keep one")
+        if self.nats_tls_key is not None and self.nats_tls_cert is None:
+            raise ValueError("--nats-tls-key is set but --nats-tls-cert is not: give the client certificate too")
+
     def validate(self) -> None:
         """Raise ValueError naming the option and what to do."""
+        self.validate_nats()
         if (self.nats_url is None) != (self.database_url is None):
             given, missing = ("--nats-url", "--database-url") if self.nats_url else ("--database-url", "--nats-url")
             raise ValueError(
@@ -201,12 +269,16 @@ class ServeConfig:
                 continue
             value = getattr(self, f.name)
             if f.metadata["secret"] and value:
-                value = _redact_url(str(value)) if f.name.endswith("_url") else _REDACTED
+                value = redact_url(str(value)) if f.name.endswith("_url") else REDACTED
             out[f.name] = str(value) if isinstance(value, Path) else value
         return out
 
 
 _OPTIONS = {f.name: f for f in fields(ServeConfig)}
+# The options of the NATS connection besides its URL.
+_NATS_SECURITY = tuple(name for name in _OPTIONS if name.startswith("nats_") and name not in ("nats_url", "nats_port"))
+# What `dcmstatus publish` takes of the serve options.
+NATS_OPTIONS = ("nats_url", *_NATS_SECURITY, "data_dir")
 
 
 def runtime_value(data_dir: Path, key: str) -> str | None:
@@ -227,11 +299,23 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_serve_options(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """Flags for every ServeConfig option, plus --config.
+def _label(name: str) -> str:
+    """How a user sets the option: its flag, or its variable when it has no flag."""
+    return _flag(name) if _OPTIONS[name].metadata.get("flag", True) else env_name(name)
+
+
+def add_serve_options(
+    parser: argparse.ArgumentParser,
+    env: Mapping[str, str] | None = None,
+    *,
+    only: tuple[str, ...] | None = None,
+    help: Mapping[str, str] | None = None,
+) -> None:
+    """Flags for every ServeConfig option (or those in `only`), plus --config.
 
     Flags not given are absent from the parsed namespace (SUPPRESS), so
     `load_config` can tell "given" from "default" and apply the precedence.
+    `help` replaces the help text of some options (another command's view).
     `env` is accepted for compatibility; environment values are read by
     `load_config`.
     """
@@ -244,7 +328,7 @@ def add_serve_options(parser: argparse.ArgumentParser, env: Mapping[str, str] | 
         help=f"TOML file with options as keys and [service_types.<name>] tables [env {CONFIG_ENV}; default none]",
     )
     for f in fields(ServeConfig):
-        if not f.metadata.get("flag", True):
+        if not f.metadata.get("flag", True) or (only is not None and f.name not in only):
             continue
         var = env_name(f.name)
         shown = "none" if f.default is None else f.default
@@ -255,16 +339,18 @@ def add_serve_options(parser: argparse.ArgumentParser, env: Mapping[str, str] | 
             default=argparse.SUPPRESS,
             choices=f.metadata["choices"],
             metavar=f.name.upper() if not f.metadata["choices"] else None,
-            help=f"{f.metadata['help']} [env {var}; default {shown}]",
+            help=f"{(help or {}).get(f.name, f.metadata['help'])} [env {var}; default {shown}]",
         )
 
 
 def load_config(
-    args: argparse.Namespace, env: Mapping[str, str] | None = None
+    args: argparse.Namespace, env: Mapping[str, str] | None = None, *, only: tuple[str, ...] | None = None
 ) -> tuple[ServeConfig, dict[str, str]]:
     """The effective configuration and where each option came from
     ("flag", "env DCMSTATUS_X", "file PATH", "default").
 
+    With `only` (another command's share of the options, e.g. NATS_OPTIONS)
+    the other options keep their defaults and only those are validated.
     Raises ConfigError naming the flag, variable or key that is wrong.
     """
     env = os.environ if env is None else env
@@ -279,7 +365,9 @@ def load_config(
     for f in fields(ServeConfig):
         name = f.name
         var = env_name(name)
-        if name == "service_types":
+        if only is not None and name not in only:
+            sources[name] = "default"
+        elif name == "service_types":
             overrides = table.get("service_types", {})
             if not isinstance(overrides, dict):
                 raise ConfigError(f"config file {config_path}: service_types must be a table of [service_types.<name>] tables")
@@ -295,11 +383,16 @@ def load_config(
             sources[name] = "default"
     config = ServeConfig(**values)
     config = _with_secrets_from_files(config, sources)
+    config = _with_nats_secrets(config, sources)
     try:
-        config.validate()
+        if only is None:
+            config.validate()
+        else:
+            config.validate_nats()
     except ValueError as exc:
         where = f"config file {config_path}: " if str(exc).startswith("service_types.") else ""
         raise ConfigError(where + str(exc)) from None
+    _check_nats_files(config)
     return config, sources
 
 
@@ -315,8 +408,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}; check the path given to --config or {CONFIG_ENV}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    known = [n for n, f in _OPTIONS.items()]
+    known = [n for n, f in _OPTIONS.items() if f.metadata.get("file", True)]
     for key in table:
+        if key in _OPTIONS and not _OPTIONS[key].metadata.get("file", True):
+            raise ConfigError(
+                f"config file {path}: {key} cannot be kept in a config file; "
+                f"use {key}_file or the environment variable {env_name(key)}"
+            )
         if key not in _OPTIONS:
             hint = difflib.get_close_matches(key.replace("-", "_"), known, n=1)
             suggestion = f"; did you mean {hint[0]!r}?" if hint else f" (known: {', '.join(known)})"
@@ -388,6 +486,55 @@ def _with_secrets_from_files(config: ServeConfig, sources: dict[str, str]) -> Se
     return config
 
 
+def _read_secret(path: Path, option: str) -> str:
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{option}: cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not secret:
+        raise ConfigError(f"{option}: {path} is empty: put the secret in it")
+    return secret
+
+
+def _with_nats_secrets(config: ServeConfig, sources: dict[str, str]) -> ServeConfig:
+    """The NATS password and token read from their files (file or environment, not both)."""
+    for name in ("nats_password", "nats_token"):
+        path = getattr(config, f"{name}_file")
+        if path is None:
+            continue
+        option = _flag(f"{name}_file")
+        if getattr(config, name) is not None:
+            raise ConfigError(f"both {env_name(name)} and {option} ({sources[f'{name}_file']}) are set: keep one")
+        secret: dict[str, Any] = {name: _read_secret(path, option)}
+        config = replace(config, **secret)
+        sources[name] = f"file {path}"
+    return config
+
+
+def _check_nats_files(config: ServeConfig) -> None:
+    """Fail at start-up, naming the option, on a credential or TLS file that
+    nats-py would otherwise only trip over when connecting."""
+    for name, marker in (("nats_creds", "BEGIN NATS USER JWT"), ("nats_nkey_seed", None)):
+        path = getattr(config, name)
+        if path is None:
+            continue
+        text = _read_secret(path, _flag(name))
+        if marker is not None and (marker not in text or "BEGIN USER NKEY SEED" not in text):
+            raise ConfigError(f"{_flag(name)}: {path} is not a NATS credentials file (a user JWT and an nkey seed)")
+        if marker is None and not text.startswith("SU"):
+            raise ConfigError(f"{_flag(name)}: {path} does not hold a user nkey seed (a line starting with SU)")
+    security = config.nats_security()
+    for name in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+        path = getattr(config, name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"{_flag(name)}: cannot read {path}; check the path and its permissions")
+    try:
+        security.ssl_context()
+    except (OSError, ssl.SSLError) as exc:
+        names = [_flag(n) for n in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key") if getattr(config, n)]
+        raise ConfigError(f"{', '.join(names)}: cannot use these TLS files: {exc}") from None
+
+
 # --- showing the effective configuration ------------------------------------------
 
 
@@ -412,7 +559,7 @@ def render_toml(config: ServeConfig, sources: Mapping[str, str]) -> str:
         if value is None:
             lines.append(f"# {name} is not set ({source})")
         elif _OPTIONS[name].metadata["secret"] and not name.endswith("_url"):
-            lines.append(f"# {name} = {_REDACTED!r} ({source}; redacted)")
+            lines.append(f"# {name} = {REDACTED!r} ({source}; redacted)")
         else:
             lines.append(f"{name} = {_toml_value(value)}  # {source}")
     lines.append("")
@@ -423,21 +570,3 @@ def render_toml(config: ServeConfig, sources: Mapping[str, str]) -> str:
         if entry["aliases"]:
             lines.append(f"aliases = {_toml_value(entry['aliases'])}")
     return "\n".join(lines) + "\n"
-
-
-_PASSWORD_PARAM = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^&\s]+)", re.IGNORECASE)
-
-
-def _redact_url(url: str) -> str:
-    """Hide a password in scheme://user:password@host URLs, and in a
-    password= parameter (URL query or libpq key=value form)."""
-    url = _PASSWORD_PARAM.sub(lambda m: m.group(1) + "***", url)
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    userinfo, _, host = rest.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    if ":" in userinfo:
-        return f"{scheme}://{user}:***@{host}"
-    # nats://TOKEN@host: a NATS token sits where a user name would.
-    return f"{scheme}://***@{host}" if scheme.lower() in ("nats", "tls", "ws", "wss") else url

@@ -38,6 +38,7 @@ from dcmstatus.config import ServeConfig
 from dcmstatus.core.catalog import Catalog
 from dcmstatus.core.decoding import Decoder
 from dcmstatus.core.model import Delivery
+from dcmstatus.core.redaction import redact_url
 from dcmstatus.engine.metrics import Metrics
 from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
 
@@ -80,6 +81,7 @@ class Service:
                 max_in_flight_bytes=config.max_in_flight_bytes,
                 pull_batch=max(1, min(500, config.max_in_flight // 4)),
                 stall_timeout=config.stall_timeout,
+                security=config.nats_security(),
             ),
             self.metrics,
         )
@@ -244,13 +246,17 @@ async def _gather_sync(*functions):
 
 
 def _announce(config: ServeConfig, service: Service) -> None:
+    # The URLs carry the embedded servers' secrets: the file is the owner's
+    # alone (0600), which is what lets the other commands reach them.
     runtime = {"http_url": service.http_url, "nats_url": service.nats_url, "database_url": service.database_url}
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed: a reader never sees it half-written.
         partial = data_dir / f".runtime.json.{os.getpid()}"
-        partial.write_text(json.dumps(runtime, indent=2) + "\n")
+        partial.unlink(missing_ok=True)
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            file.write(json.dumps(runtime, indent=2) + "\n")
         partial.replace(data_dir / "runtime.json")
     except OSError as exc:
         log.warning("could not write %s/runtime.json: %s", data_dir, exc)
@@ -258,8 +264,8 @@ def _announce(config: ServeConfig, service: Service) -> None:
         f"dcmstatus is running\n"
         f"  HTTP API   {service.http_url}/api/v1/service-type-instances\n"
         f"  health     {service.http_url}/api/v1/health   metrics {service.http_url}/metrics\n"
-        f"  publish to {service.nats_url}  subjects {config.subjects} (stream {service.source.stream})\n"
-        f"  database   {config.redacted()['database_url'] if config.database_url else service.database_url}\n"
+        f"  publish to {redact_url(service.nats_url)}  subjects {config.subjects} (stream {service.source.stream})\n"
+        f"  database   {redact_url(service.database_url)}\n"
         f"  runtime    {data_dir / 'runtime.json'}\n"
         f"Stop with Ctrl-C (SIGINT) or SIGTERM.",
         flush=True,

@@ -18,6 +18,7 @@ from dcmstatus.cli.client import ApiClient
 from dcmstatus.cli.tables import footer, instance_details, short, table
 from dcmstatus.config import (
     CONFIG_ENV,
+    NATS_OPTIONS,
     ConfigError,
     add_serve_options,
     env_name,
@@ -131,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
 
     publish = commands.add_parser(
         "publish",
+        allow_abbrev=False,
         help="publish one status event, as a service provider does",
         description="Publish one CloudEvent (structured mode) on dcm.<service-type>, like a service provider.",
     )
@@ -140,7 +142,15 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--message", help="status message (data.message)")
     publish.add_argument("--source", default=None, help="CloudEvent source [default dcm/providers/dcmstatus-cli]")
     publish.add_argument("--time", type=_rfc3339, help="event time, RFC 3339 with offset [default now]")
-    _add_url_and_data_dir(publish, "nats_url", "NATS URL; default: the running embedded server from <data-dir>/runtime.json")
+    # The serve options of the NATS connection, declared once in config.py.
+    add_serve_options(
+        publish,
+        only=NATS_OPTIONS,
+        help={
+            "nats_url": "NATS URL; with none given, the running embedded server's from <data-dir>/runtime.json",
+            "data_dir": "where a running serve wrote runtime.json",
+        },
+    )
     publish.set_defaults(run=_publish)
 
     bench = commands.add_parser(
@@ -198,9 +208,9 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
     setup_logging(level, fmt)
 
 
-def _load_config(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
+def _load_config(args: argparse.Namespace, only: tuple[str, ...] | None = None) -> tuple[Any, dict[str, str]]:
     try:
-        return load_config(args)
+        return load_config(args, only=only)
     except ConfigError as exc:
         raise UsageError(exc) from None
 
@@ -234,11 +244,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 def _publish(args: argparse.Namespace) -> int:
     from dcmstatus.cli.publish import DEFAULT_SOURCE, PublishError, build_event, nats_url_from_runtime, publish
 
+    config, _ = _load_config(args, only=NATS_OPTIONS)
     try:
-        url = args.nats_url or nats_url_from_runtime(args.data_dir)
+        url = config.nats_url or nats_url_from_runtime(config.data_dir)
         body = build_event(args.service_type, args.instance, args.status, args.message, args.source or DEFAULT_SOURCE, args.time)
         subject = f"dcm.{args.service_type}"
-        seq = publish(url, subject, body)
+        seq = publish(url, subject, body, config.nats_security())
     except PublishError as exc:
         raise UsageError(exc) from None
     print(f"published {args.status} for {args.service_type} instance {args.instance} on {subject} (stream sequence {seq})")

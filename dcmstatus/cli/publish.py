@@ -10,13 +10,14 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-import nats
 import nats.errors
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
+from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
 from dcmstatus.config import runtime_value
-from dcmstatus.core.errors import PublishError
+from dcmstatus.core.errors import AccessDenied, PublishError
+from dcmstatus.core.redaction import redact_url
 
 DEFAULT_SOURCE = "dcm/providers/dcmstatus-cli"
 
@@ -57,12 +58,19 @@ def nats_url_from_runtime(data_dir: Path) -> str:
     return url
 
 
-async def publish_event(nats_url: str, subject: str, body: bytes, timeout: float = 5.0) -> int:
+async def publish_event(
+    nats_url: str, subject: str, body: bytes, security: NatsSecurity | None = None, timeout: float = 5.0
+) -> int:
     """Publish through JetStream; return the stream sequence it was stored at."""
+    where = redact_url(nats_url)
     try:
-        nc = await nats.connect(nats_url, connect_timeout=timeout, max_reconnect_attempts=0, allow_reconnect=False)
+        nc = await open_connection(
+            nats_url, security or NatsSecurity(), connect_timeout=timeout, max_reconnect_attempts=0, allow_reconnect=False
+        )
+    except AccessDenied as exc:
+        raise PublishError(str(exc)) from None
     except Exception as exc:
-        raise PublishError(f"cannot connect to NATS at {nats_url}: {exc}. Is the server running?") from None
+        raise PublishError(f"cannot connect to NATS at {where}: {exc}. Is the server running?") from None
     try:
         ack = await nc.jetstream(timeout=timeout).publish(subject, body)
         return ack.seq
@@ -71,10 +79,10 @@ async def publish_event(nats_url: str, subject: str, body: bytes, timeout: float
             f"no JetStream stream stores {subject}: start `dcmstatus serve` once (it creates the stream)"
         ) from None
     except nats.errors.TimeoutError:
-        raise PublishError(f"NATS at {nats_url} did not confirm the publish within {timeout:.0f}s") from None
+        raise PublishError(f"NATS at {where} did not confirm the publish within {timeout:.0f}s") from None
     finally:
         await nc.close()
 
 
-def publish(nats_url: str, subject: str, body: bytes) -> int:
-    return asyncio.run(publish_event(nats_url, subject, body))
+def publish(nats_url: str, subject: str, body: bytes, security: NatsSecurity | None = None) -> int:
+    return asyncio.run(publish_event(nats_url, subject, body, security))

@@ -9,6 +9,7 @@ layer above an adapter ever imports a driver to handle its failures.
     ├── ConfigError            a setting is wrong (exit 2; the message names it)
     ├── EmbeddedServerError    an embedded nats-server or PostgreSQL failed to start
     ├── StoreUnavailable       the database cannot be reached now; retry later
+    ├── AccessDenied           a server refused our credentials, or TLS failed; retrying cannot help
     ├── BatchRefused           the database will never commit this batch as it is
     ├── InstanceExists         a create named an id that is taken
     ├── InvalidInput           the database refused a value of a create
@@ -23,6 +24,7 @@ handling one request) uses private exceptions that never leave the layer that ra
 from __future__ import annotations
 
 __all__ = [
+    "AccessDenied",
     "ApiError",
     "BatchRefused",
     "ConfigError",
@@ -51,6 +53,12 @@ class EmbeddedServerError(DcmstatusError, RuntimeError):
 class StoreUnavailable(DcmstatusError):
     """The database cannot be reached now (connection lost or refused, pool
     exhausted, server shutting down). Nothing was changed; a retry may work."""
+
+
+class AccessDenied(DcmstatusError):
+    """A server refused the credentials we offered, or the TLS handshake
+    failed (an untrusted certificate, a client certificate the server wants).
+    Retrying with the same settings cannot help; the message says which to fix."""
 
 
 class BatchRefused(DcmstatusError):

@@ -248,12 +248,14 @@ class Bench:
         data_dir = self.work_dir / f"serve-{uuid.uuid4().hex[:6]}"
         data_dir.mkdir()
         log_path = data_dir / "serve.log"
+        # The URLs carry the servers' secrets: through the environment, not
+        # the command line that every local user can read.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dcmstatus", "serve", "--nats-url", self.servers.nats_url,
-             "--database-url", db_url, "--stream", STREAM, "--subjects", f"{PREFIX}.*",
+            [sys.executable, "-m", "dcmstatus", "serve", "--stream", STREAM, "--subjects", f"{PREFIX}.*",
              "--durable", "bench", "--http-port", "0", "--data-dir", str(data_dir),
              "--writers", str(a.writers), "--batch-size", str(a.batch_size), "--log-level", "WARNING"],
             stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+            env={**os.environ, "DCMSTATUS_NATS_URL": self.servers.nats_url, "DCMSTATUS_DATABASE_URL": db_url},
         )  # fmt: skip
         while not (data_dir / "runtime.json").exists():
             if proc.poll() is not None:

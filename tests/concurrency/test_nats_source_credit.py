@@ -173,13 +173,13 @@ def autojump_clock():
 async def test_initial_connect_backs_off_exponentially_up_to_5s(monkeypatch, autojump_clock):
     attempts: list[float] = []
 
-    async def refusing_connect(url, **kwargs):
+    async def refusing_connect(url, security, **kwargs):
         attempts.append(trio.current_time())
         if len(attempts) < 8:
             raise ConnectionRefusedError("nobody listens")
         return SimpleNamespace(jetstream=lambda: "js")
 
-    monkeypatch.setattr(nats_source.nats, "connect", refusing_connect)
+    monkeypatch.setattr(nats_source, "open_connection", refusing_connect)
     monkeypatch.setattr(nats_source.trio_asyncio, "aio_as_trio", lambda f: f)
     source = JetStreamSource(NatsSettings(url="nats://nowhere"), Metrics())
     await source._connect()

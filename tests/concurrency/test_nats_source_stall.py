@@ -125,10 +125,10 @@ def autojump_clock():
 def server(monkeypatch) -> FakeServer:
     fake = FakeServer()
 
-    async def connect(url, **kwargs):
+    async def connect(url, security, **kwargs):
         return fake
 
-    monkeypatch.setattr(nats_source.nats, "connect", connect)
+    monkeypatch.setattr(nats_source, "open_connection", connect)
     monkeypatch.setattr(nats_source.trio_asyncio, "aio_as_trio", lambda f: f)
     return fake
 

@@ -3,10 +3,12 @@ restarts and crashes, taken ports are avoided, start-up failures explain
 themselves, and the test fixtures hand out what they promise."""
 
 import asyncio
+import os
 import socket
 from pathlib import Path
 
 import nats
+import nats.errors
 import psycopg
 import pytest
 import trio_asyncio
@@ -84,7 +86,7 @@ def test_nats_taken_port_falls_back_to_a_free_one(tmp_path: Path):
 def test_nats_uses_the_preferred_port_when_free(tmp_path: Path):
     port = free_port()
     with EmbeddedNats(tmp_path, port=port) as server:
-        assert server.url == f"nats://127.0.0.1:{port}"
+        assert server.url == f"nats://{server.token}@127.0.0.1:{port}"
     assert not server.running
 
 
@@ -145,7 +147,7 @@ def test_postgres_taken_port_falls_back_and_listens_on_a_socket_too(pg_data_dir:
         port = taken.getsockname()[1]
         with EmbeddedPostgres(pg_data_dir, port=port, fsync=False, template=pg_template) as server:
             assert server.port != port
-            assert server.url == f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+            assert server.url == f"postgresql://postgres:{server.password}@127.0.0.1:{server.port}/postgres"
             assert server.socket_dir is not None
             with psycopg.connect(host=str(server.socket_dir), port=server.port, user="postgres") as conn:
                 assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
@@ -184,3 +186,87 @@ async def test_nats_url_works_from_trio_through_trio_asyncio(nats_url: str, asyn
         assert ack.stream == "dcm-status"
     finally:
         await trio_asyncio.aio_as_trio(nc.close)()
+
+
+# ------------------------------------------- keeping other local users out
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def _connect_and_close(url: str) -> None:
+    nc = await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    await nc.close()
+
+
+def test_nats_admits_only_clients_with_its_token(nats_server: EmbeddedNats):
+    address = f"nats://127.0.0.1:{nats_server.port}"
+    for url in (address, f"nats://not-the-token@127.0.0.1:{nats_server.port}"):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            asyncio.run(_connect_and_close(url))
+    asyncio.run(_connect_and_close(nats_server.url))
+    assert nats_server.token and nats_server.token in nats_server.url
+
+
+def test_nats_token_is_private_kept_on_restart_and_not_on_the_command_line(nats_server: EmbeddedNats):
+    token = nats_server.token
+    assert _mode(nats_server.token_path) == 0o600 and _mode(nats_server.config_path) == 0o600
+    # The process list is readable by every local user.
+    assert token not in Path(f"/proc/{nats_server.pid}/cmdline").read_bytes().decode()
+    nats_server.restart()
+    assert nats_server.token == token == nats_server.token_path.read_text().strip()
+    asyncio.run(_connect_and_close(nats_server.url))
+
+
+def test_postgres_admits_tcp_clients_only_with_its_password(pg_server: EmbeddedPostgres):
+    port = pg_server.port
+    for url in (f"postgresql://postgres@127.0.0.1:{port}/postgres", f"postgresql://postgres:guess@127.0.0.1:{port}/postgres"):
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(url, connect_timeout=5)
+    with psycopg.connect(pg_server.url) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+    assert _mode(pg_server.password_path) == 0o600
+    # The trusted socket is reachable by the server's own user only.
+    assert _mode(pg_server.socket_dir) == 0o700
+    rules = [line.split() for line in (pg_server.pgdata / "pg_hba.conf").read_text().splitlines()]
+    assert [r for r in rules if r and r[0].startswith("host")] == [["host", "all", "all", "all", "scram-sha-256"]]
+
+
+def test_postgres_password_is_kept_on_restart(pg_server: EmbeddedPostgres):
+    url = pg_server.url
+    assert pg_server.restart() == url
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_postgres_data_dir_that_trusted_tcp_demands_the_password_after_restart(pg_server: EmbeddedPostgres):
+    # As an older dcmstatus (initdb --auth=trust) left it.
+    (pg_server.pgdata / "pg_hba.conf").write_text("local all all trust\nhost all all all trust\n")
+    pg_server.restart()
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(f"postgresql://postgres@127.0.0.1:{pg_server.port}/postgres", connect_timeout=5)
+    with psycopg.connect(pg_server.url) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_postgres_socket_dir_opened_up_is_closed_again(pg_data_dir: Path, pg_template: Path):
+    socket_dir = pg_data_dir / "postgres-socket"
+    socket_dir.mkdir()
+    socket_dir.chmod(0o777)
+    with EmbeddedPostgres(pg_data_dir, fsync=False, template=pg_template) as server:
+        assert server.socket_dir == socket_dir
+        assert _mode(socket_dir) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a directory of another user")
+def test_postgres_socket_dir_of_another_user_is_refused(pg_data_dir: Path, pg_template: Path):
+    import pwd
+
+    socket_dir = pg_data_dir / "postgres-socket"
+    socket_dir.mkdir()
+    os.chown(socket_dir, pwd.getpwnam("nobody").pw_uid, -1)
+    server = EmbeddedPostgres(pg_data_dir, fsync=False, template=pg_template)
+    with pytest.raises(EmbeddedServerError, match="socket directory.*not a directory of this user"):
+        server.start()
+    assert not server.running

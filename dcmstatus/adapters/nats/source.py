@@ -36,8 +36,11 @@ import trio
 import trio_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
+from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
+from dcmstatus.core.errors import AccessDenied
 from dcmstatus.core.model import Delivery
 from dcmstatus.core.stall import StallWatch, Verdict
+from dcmstatus.core.redaction import redact_url
 from dcmstatus.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class NatsSettings(msgspec.Struct, frozen=True):
     pull_expires: float = 5.0
     check_interval: float = 5.0  # consumer existence check
     stall_timeout: float = 30.0  # work waiting and nothing received or acked this long: stalled
+    security: NatsSecurity = msgspec.field(default_factory=NatsSecurity)  # credentials and TLS
 
 
 class JetStreamSource:
@@ -215,11 +219,15 @@ class JetStreamSource:
             log.info("intake is moving again")
 
     async def _connect(self) -> None:
+        """Connect, retrying while the server is away; AccessDenied (credentials
+        or TLS refused) ends the service with a message saying what to fix."""
         delay = 0.5
+        where = redact_url(self.settings.url)
         while True:
             try:
-                self._nc = await trio_asyncio.aio_as_trio(nats.connect)(
+                self._nc = await trio_asyncio.aio_as_trio(open_connection)(
                     self.settings.url,
+                    self.settings.security,
                     name="dcmstatus",
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,  # the default gives up after ~2 minutes
@@ -230,10 +238,12 @@ class JetStreamSource:
                     reconnected_cb=self._on_reconnected,
                 )
                 self._js = self._nc.jetstream()
-                log.info("connected to NATS at %s", self.settings.url)
+                log.info("connected to NATS at %s", where)
                 return
+            except AccessDenied:
+                raise
             except Exception as exc:
-                log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", self.settings.url, exc, delay)
+                log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", where, exc, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -534,7 +544,7 @@ class JetStreamSource:
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
-        log.info("reconnected to NATS at %s", self._nc.connected_url.netloc if self._nc.connected_url else "?")
+        log.info("reconnected to NATS at %s", redact_url(self._nc.connected_url.geturl()) if self._nc.connected_url else "?")
         # The pull requests stay counted. They are the consumer's state on the
         # server, which may still serve them to our inbox (re-subscribed under
         # the same name): after a blip the server may not even have noticed.
