@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import MAX_CLOCK_SKEW
 from dcmstatus.core.errors import ConfigError
 
 __all__ = [
@@ -87,6 +88,12 @@ class ServeConfig:
     )
     ack_wait: float = _opt(30.0, "seconds before NATS redelivers an unacknowledged message", type=float)
     max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
+    max_clock_skew: float = _opt(
+        300.0,
+        "seconds an event time may be ahead of its JetStream message time; a later one is replaced by the "
+        "message time (counted and logged), so a provider with a wrong clock cannot pin a status",
+        type=float,
+    )
     dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
     grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -103,7 +110,7 @@ class ServeConfig:
         None, "the API token itself (environment or config file only, never a flag)", secret=True, flag=False
     )
     # `[service_types.<name>]` tables of the config file, merged into the
-    # contract's catalog (CONTRACT §4); not a flag or environment variable.
+    # default catalog (docs/statuses.md); not a flag or environment variable.
     service_types: Mapping[str, Any] = field(default_factory=dict, metadata={"flag": False, "env": False})
 
     @property
@@ -136,6 +143,11 @@ class ServeConfig:
         for name in ("batch_delay_ms", "ack_wait", "grace_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < self.max_clock_skew <= MAX_CLOCK_SKEW:  # also refuses nan
+            raise ValueError(
+                f"--max-clock-skew must be more than 0 and at most {MAX_CLOCK_SKEW:.0f} seconds (one day); "
+                "the default is 300"
+            )
         if self.api_token is not None and not self.api_token.strip():
             raise ValueError("the API token is empty: set a non-empty one or none")
         try:

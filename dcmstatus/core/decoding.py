@@ -106,12 +106,16 @@ from dcmstatus.core.model import (
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
+    "MAX_CLOCK_SKEW",
     "MAX_INSTANCE_ID_LENGTH",
     "Decoder",
     "valid_instance_id",
 ]
 
 DEFAULT_MAX_EVENT_BYTES: Final = 256 * 1024
+# The largest clock-skew bound accepted, in seconds: a day is far beyond any
+# clock error, and keeps the bound's arithmetic inside datetime's range.
+MAX_CLOCK_SKEW: Final = 86_400.0
 MAX_INSTANCE_ID_LENGTH: Final = 253
 
 _UTC: Final = UTC
@@ -136,15 +140,28 @@ _decode_data: Final = msgspec.json.Decoder(_Data | None).decode
 class Decoder:
     """Decodes status events against a catalog. Build once and reuse."""
 
-    __slots__ = ("_catalog", "_lookups", "_max_event_bytes")
+    __slots__ = ("_catalog", "_lookups", "_max_clock_skew", "_max_event_bytes", "_skew", "_skew_floor")
 
     def __init__(
-        self, catalog: Catalog | None = None, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+        self,
+        catalog: Catalog | None = None,
+        *,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_clock_skew: float | None = None,
     ) -> None:
+        """`max_clock_skew`: seconds an event time may be ahead of the stream
+        time before the stream time replaces it; None: no bound (the service
+        always passes its `--max-clock-skew`)."""
         if catalog is None:
             catalog = Catalog.default()
         if max_event_bytes <= 0:
             raise ValueError("max_event_bytes must be positive")
+        if max_clock_skew is not None and not 0 < max_clock_skew <= MAX_CLOCK_SKEW:
+            raise ValueError(f"max_clock_skew must be more than 0 and at most {MAX_CLOCK_SKEW} seconds")
+        self._max_clock_skew = max_clock_skew
+        self._skew = None if max_clock_skew is None else timedelta(seconds=max_clock_skew)
+        # (stream second, the bound for the start of that second): see _decode.
+        self._skew_floor: tuple[int, datetime] = (-1, _EPOCH)
         self._catalog = catalog
         lookups: dict[str, dict[str, str]] = {}
         for name in catalog.service_types():
@@ -161,6 +178,10 @@ class Decoder:
     @property
     def max_event_bytes(self) -> int:
         return self._max_event_bytes
+
+    @property
+    def max_clock_skew(self) -> float | None:
+        return self._max_clock_skew
 
     def decode(
         self,
@@ -334,11 +355,28 @@ class Decoder:
 
         outputs = _outputs(data.output_spec, instance_id) if data.output_spec else None
 
+        if event_time is None and data.timestamp:
+            event_time = _timestamp(data.timestamp, instance_id)
         if event_time is None:
-            if data.timestamp:
-                event_time = _timestamp(data.timestamp, instance_id)
-            if event_time is None:
-                event_time = _EPOCH + timedelta(microseconds=stream_time_ns // 1000)
+            event_time = _EPOCH + timedelta(microseconds=stream_time_ns // 1000)
+        elif self._skew is not None:
+            # A provider whose clock runs ahead must not pin a status: an
+            # event from "the future" would win the ordering guard against
+            # every real one after it (docs/events.md#time). Building the
+            # exact bound costs more than the rest of the check, so it is
+            # built only for a time past the bound of the stream time's whole
+            # second, which consecutive messages share (docs/performance.md).
+            second = stream_time_ns // 1_000_000_000
+            floor = self._skew_floor
+            if floor[0] != second:
+                floor = self._skew_floor = (second, _EPOCH + timedelta(seconds=second) + self._skew)
+            if event_time > floor[1]:
+                stream_time = _EPOCH + timedelta(microseconds=stream_time_ns // 1000)
+                if event_time > stream_time + self._skew:
+                    return StatusUpdate(
+                        instance_id, service_type, canonical, message, source, outputs, stream_time, stream_seq,
+                        event_time,
+                    )  # fmt: skip
 
         return StatusUpdate(
             instance_id, service_type, canonical, message, source, outputs, event_time, stream_seq

@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import msgspec
 
-# The fixed vocabulary of CONTRACT §3, used in logs, metrics and dead letters.
+# The fixed vocabulary of docs/events.md#rejections, used in logs, metrics and dead letters.
 MALFORMED_JSON: Final = "malformed_json"
 INVALID_ENVELOPE: Final = "invalid_envelope"
 UNSUPPORTED_SPECVERSION: Final = "unsupported_specversion"
@@ -61,9 +61,13 @@ class StatusUpdate(msgspec.Struct, frozen=True, gc=False):
     outputs: bytes | None  # the JSON text of data.output_spec (an object), or None
     event_time: datetime  # timezone-aware
     stream_seq: int
+    # The time the event claimed when that was more than the allowed clock
+    # skew after the stream time, which then became `event_time`
+    # (docs/events.md#time); None when the event's own time was used.
+    claimed_time: datetime | None = None
 
     def order_key(self) -> tuple[datetime, int]:
-        """The ordering guard of CONTRACT §5: event time, then stream sequence."""
+        """The ordering guard (docs/database.md): event time, then stream sequence."""
         return (self.event_time, self.stream_seq)
 
 

@@ -156,3 +156,19 @@ def test_help_names_env_variables_and_defaults(capsys):
     for expected in ("[env DCMSTATUS_HTTP_PORT; default 8080]", "DCMSTATUS_CONFIG", "--log-format {text,json}",
                      "[env DCMSTATUS_API_TOKEN_FILE; default none]"):
         assert expected in text
+
+
+def test_max_clock_skew_default_env_flag_and_file(toml):
+    assert _load([])[0].max_clock_skew == 300.0
+    config, sources = _load([], {"DCMSTATUS_MAX_CLOCK_SKEW": "60"})
+    assert config.max_clock_skew == 60.0 and sources["max_clock_skew"] == "env DCMSTATUS_MAX_CLOCK_SKEW"
+    assert _load(["--max-clock-skew", "0.5"])[0].max_clock_skew == 0.5
+    assert _load(["--config", toml("max_clock_skew = 120\n")])[0].max_clock_skew == 120.0
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "86401"])
+def test_max_clock_skew_must_be_positive_and_at_most_a_day(value):
+    with pytest.raises(ConfigError, match=r"--max-clock-skew must be more than 0 and at most 86400 seconds"):
+        _load(["--max-clock-skew", value])
+    with pytest.raises(ConfigError, match="--max-clock-skew must be more than 0"):
+        _load([], {"DCMSTATUS_MAX_CLOCK_SKEW": value})
