@@ -172,3 +172,16 @@ def test_max_clock_skew_must_be_positive_and_at_most_a_day(value):
         _load(["--max-clock-skew", value])
     with pytest.raises(ConfigError, match="--max-clock-skew must be more than 0"):
         _load([], {"DCMSTATUS_MAX_CLOCK_SKEW": value})
+
+
+def test_a_hyphenated_service_type_from_the_file_round_trips(toml, tmp_path):
+    path = toml('[service_types.three-tier-app-demo]\nstatuses = ["PENDING", "RUNNING"]\n')
+    config, sources = _load(["--config", path])
+    assert config.catalog().canonical_status("three-tier-app-demo", "running") == "RUNNING"
+    text = render_toml(config, sources)
+    assert "[service_types.three-tier-app-demo]" in text
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    assert _load(["--config", str(again)])[0].catalog() == config.catalog()
+    with pytest.raises(ConfigError, match=r"service_types\.'three\.tier': a service type name is lower-case"):
+        _load(["--config", toml('[service_types."three.tier"]\nstatuses = ["UP"]\n')])
