@@ -11,7 +11,8 @@ The CloudEvents side (modes, attribute, content-type and time rules) is
 (docs/events.md#mapping): subject → service type, data.id (else the CE
 subject) → instance id, data.status through the catalog's aliases → status,
 data.message, data.output_spec → outputs, CE time (else data.timestamp, else
-the stream time) → event time.
+the stream time) → event time, replaced by the stream time when it is more
+than `max_clock_skew` ahead of it (docs/events.md#time).
 
 Speed
 -----
@@ -37,6 +38,10 @@ Choices in the mapping (docs/events.md#mapping)
   ``invalid_data``.
 - ``data.timestamp`` is read with the CE time rules, and only (and then
   validated) when the CE ``time`` is absent.
+- The clock-skew bound applies to a time the event gave (CE ``time`` or
+  ``data.timestamp``), compared at microsecond precision with the stream time
+  truncated to microseconds; exactly at the bound is kept. The update keeps
+  the replaced time as ``claimed_time`` so the engine can count and log it.
 - ``data.id`` that is present but invalid (wrong type, empty, too long, bad
   characters) is ``invalid_instance_id``; the CE ``subject`` is only a fallback
   for an absent/null ``data.id``, and is validated the same way. A subject

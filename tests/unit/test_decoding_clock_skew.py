@@ -9,6 +9,8 @@ import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dcmstatus.core.decoding import MAX_CLOCK_SKEW, Decoder
 from dcmstatus.core.model import UNKNOWN_STATUS, Rejection, StatusUpdate
@@ -136,3 +138,22 @@ def test_the_bound_follows_the_stream_time_back_and_forth():
         update = decoder.decode("dcm.vm", None, payload, 7, stream_ns)
         assert isinstance(update, StatusUpdate)
         assert (update.claimed_time is not None) is replaced, stream_ns
+
+
+SHARED = Decoder(max_clock_skew=300)  # one decoder across examples: its cached bound sees every order
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)),
+    st.integers(min_value=-400 * 10**9, max_value=400 * 10**9),
+)
+def test_the_bound_against_a_plain_reference(event_time, offset_ns):
+    stream_ns = int((event_time - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()) * 10**9 + offset_ns
+    stream_time = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=stream_ns // 1000)
+    update = SHARED.decode("dcm.vm", None, body(time=event_time.isoformat()), 7, stream_ns)
+    assert isinstance(update, StatusUpdate)
+    if event_time - stream_time > timedelta(seconds=300):
+        assert (update.event_time, update.claimed_time) == (stream_time, event_time)
+    else:
+        assert (update.event_time, update.claimed_time) == (event_time, None)
