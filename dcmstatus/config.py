@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.decoding import MAX_CLOCK_SKEW
 from dcmstatus.core.errors import ConfigError
 from dcmstatus.core.redaction import REDACTED, redact_url
 
@@ -111,12 +112,6 @@ class ServeConfig:
     durable: str = _opt(
         "dcmstatus", "durable consumer name, shared by replicas; never one of DCM's own (control-plane, ...)"
     )
-    max_clock_skew: float = _opt(
-        300.0,
-        "seconds an event time may lie after the JetStream message time (beyond, the message time is used); "
-        "also the margin of the predecessor guard",
-        type=float,
-    )
     parked_ttl: float = _opt(
         300.0, "seconds an event for a not-yet-existing instance waits for its row (parked events)", type=float
     )
@@ -138,6 +133,13 @@ class ServeConfig:
         type=float,
     )
     max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
+    max_clock_skew: float = _opt(
+        300.0,
+        "seconds an event time may be ahead of its JetStream message time; a later one is replaced by the "
+        "message time (counted and logged), so a provider with a wrong clock cannot pin a status; also the "
+        "margin of the predecessor guard (an event older than its row minus this is a no-op)",
+        type=float,
+    )
     dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
     grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -239,9 +241,14 @@ class ServeConfig:
         for name in ("http_port", "nats_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 65535")
-        for name in ("batch_delay_ms", "ack_wait", "grace_period", "max_clock_skew", "parked_ttl", "stall_timeout"):
+        for name in ("batch_delay_ms", "ack_wait", "grace_period", "parked_ttl", "stall_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 < self.max_clock_skew <= MAX_CLOCK_SKEW:  # also refuses nan
+            raise ValueError(
+                f"--max-clock-skew must be more than 0 and at most {MAX_CLOCK_SKEW:.0f} seconds (one day); "
+                "the default is 300"
+            )
         if self.stream_max_age < 0:
             raise ValueError("--stream-max-age must be 0 (unbounded) or positive")
         if self.durable in DCM_DURABLES:

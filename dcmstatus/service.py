@@ -95,7 +95,7 @@ class Service:
             )
             for _ in range(config.writers)
         ]
-        decoder = Decoder(catalog, max_event_bytes=config.max_event_bytes)
+        decoder = Decoder(catalog, max_event_bytes=config.max_event_bytes, max_clock_skew=config.max_clock_skew)
         self.pipeline = Pipeline(
             decoder.decode,
             self.source,

@@ -1,7 +1,7 @@
 """The service-type catalog: which service types exist, their canonical
 statuses and the aliases providers report instead (docs/statuses.md).
 
-This is configuration, not code: `Catalog.default()` is the contract's table,
+This is configuration, not code: `Catalog.default()` is the default table,
 `Catalog.from_mapping()` reads the same shape from a plain dict (e.g. a TOML
 table) and `Catalog.merged()` lets an operator add a type or an alias on top
 of the defaults. A catalog is immutable once built; every lookup the hot path
@@ -23,9 +23,12 @@ import msgspec
 
 __all__ = ["Catalog", "ServiceType"]
 
-# A service type is the last token of a NATS subject and a label value in
-# metrics and SQL: keep it to a safe, lower-case identifier.
-_TYPE_NAME_RE: Final = re.compile(r"[a-z0-9_]+")
+# A service type is the last token of a NATS subject (DCM's own names use
+# '-', e.g. three-tier-app-demo) and is stored, logged and filtered on: keep it
+# to lower-case letters, digits, '_' and '-', nothing a subject, a TOML bare
+# key or a log line would split on (docs/statuses.md#adding-a-service-type-or-an-alias).
+_TYPE_NAME_RE: Final = re.compile(r"[a-z0-9_-]+")
+_TYPE_NAME_RULE: Final = "lower-case letters, digits, '_' and '-' (e.g. three-tier-app-demo)"
 # Statuses are stored upper case; allowing '-' keeps names like IN-PROGRESS
 # possible without admitting spaces or punctuation that would be ambiguous
 # after trimming.
@@ -67,7 +70,7 @@ _DEFAULT_TYPES: Final = (
         # ACM cluster SP (docs/statuses.md#aliases).
         {"PENDING": "PROGRESSING", "PROVISIONING": "PROGRESSING", "READY": "ACTIVE"},
     ),
-    ServiceType("database", ("PENDING", "RUNNING", "FAILED", "UNKNOWN", "DELETED")),
+    ServiceType("database", ("PENDING", "RUNNING", "FAILED", "UNKNOWN", "DELETING", "DELETED")),
 )
 
 
@@ -176,7 +179,7 @@ def _build_lookup(st: ServiceType) -> tuple[tuple[str, ...], dict[str, str]]:
     """Validate one service type; return its canonical statuses and lookup."""
     name = st.name
     if not isinstance(name, str) or not _TYPE_NAME_RE.fullmatch(name):
-        raise ValueError(f"{name!r}: service type name must match ^[a-z0-9_]+$")
+        raise ValueError(f"{name!r}: a service type name is {_TYPE_NAME_RULE}")
     if not st.statuses:
         raise ValueError(f"{name}.statuses: must not be empty")
     canonical: list[str] = []
@@ -226,7 +229,7 @@ def _parse_mapping(
     result: dict[str, ServiceType] = dict(base) if base else {}
     for name, entry in obj.items():
         if not isinstance(name, str) or not _TYPE_NAME_RE.fullmatch(name):
-            raise ValueError(f"{name!r}: service type name must match ^[a-z0-9_]+$")
+            raise ValueError(f"{name!r}: a service type name is {_TYPE_NAME_RULE}")
         if not isinstance(entry, Mapping):
             raise ValueError(f"{name}: expected a table with 'statuses' and 'aliases'")
         unknown = sorted(str(k) for k in entry if k not in _ENTRY_KEYS)

@@ -17,8 +17,9 @@ layer above an adapter ever imports a driver to handle its failures.
     ├── ApiError               a terminal client got an error from the HTTP API
     └── UsageError             a command was given something it cannot use (exit 2)
 
-Internal control flow (the decoder's rejection signal, an HTTP problem while
-handling one request) uses private exceptions that never leave the layer that raises them.
+Internal control flow (the decoder's rejection signal `cloudevents.Invalid`,
+an HTTP problem while handling one request) uses exceptions that never leave
+the decoder or the request handler.
 """
 
 from __future__ import annotations

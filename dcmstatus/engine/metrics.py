@@ -125,6 +125,12 @@ class Metrics:
         )
         for reason in REJECTION_REASONS:
             self.events_rejected.labels(reason)  # export zeros: rate() needs the series
+        self.events_clock_skew = Counter(
+            "dcmstatus_events_clock_skew_total",
+            "Events whose time was more than --max-clock-skew ahead of their JetStream message time: "
+            "the message time was used instead",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "dcmstatus_batch_size_events",
             "Messages per committed batch",

@@ -141,11 +141,19 @@ class Pipeline:
                         except (trio.WouldBlock, trio.EndOfChannel):
                             pass  # the next receive() reports the end
                         self._metrics.events_received.inc(len(burst))
+                        skewed = 0
                         for d in burst:
                             decision = decode(d.subject, d.headers, d.body, d.stream_seq, d.stream_time_ns)
                             if type(decision) is not StatusUpdate:
                                 self._events.rejected(decision)  # type: ignore[arg-type]
+                            elif decision.claimed_time is not None:
+                                # Counted here, not after the commit: coalescing may
+                                # drop the event, but its time was still wrong.
+                                skewed += 1
+                                self._events.clock_skew(decision)
                             builder.add(decision, d.token)
+                        if skewed:
+                            self._metrics.events_clock_skew.inc(skewed)
                         full = len(builder) >= max_batch
                     if full:
                         # Outside the timer's scope: a send cancelled after take()

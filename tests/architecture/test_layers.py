@@ -43,7 +43,7 @@ def _top(name: str) -> str:
 def test_core_imports_no_io_module() -> None:
     loaded = _modules_after(
         "import dcmstatus.core, dcmstatus.core.model, dcmstatus.core.errors, dcmstatus.core.catalog, "
-        "dcmstatus.core.decoding, dcmstatus.core.batching, dcmstatus.core.redaction"
+        "dcmstatus.core.cloudevents, dcmstatus.core.decoding, dcmstatus.core.batching, dcmstatus.core.redaction"
     )
     bad = sorted(m for m in loaded if _top(m) in FORBIDDEN_IN_CORE)
     assert not bad, f"dcmstatus.core pulled in {bad}"

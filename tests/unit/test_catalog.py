@@ -12,7 +12,7 @@ CONTRACT_STATUSES = {
     "storage": "PROVISIONING RUNNING FAILED DELETING DELETED",
     "network": "PENDING READY DELETED",
     "cluster": "PROGRESSING ACTIVE DEGRADED UNAVAILABLE FAILED DELETING DELETED",
-    "database": "PENDING RUNNING FAILED UNKNOWN DELETED",
+    "database": "PENDING RUNNING FAILED UNKNOWN DELETING DELETED",
 }
 
 CONTRACT_ALIASES = [
@@ -91,7 +91,13 @@ def test_from_mapping_aliases_are_optional():
     ("mapping", "named"),
     [
         ({"VM": {"statuses": ["A"]}}, "'VM'"),
-        ({"three-tier": {"statuses": ["A"]}}, "'three-tier'"),
+        # Nothing a NATS subject token, a TOML bare key or a log line would split on.
+        ({"three.tier": {"statuses": ["A"]}}, "'three.tier'"),
+        ({"*": {"statuses": ["A"]}}, "'*'"),
+        ({"app>": {"statuses": ["A"]}}, "'app>'"),
+        ({"three tier": {"statuses": ["A"]}}, "'three tier'"),
+        ({"Three-Tier": {"statuses": ["A"]}}, "'Three-Tier'"),
+        ({"caf\u00e9": {"statuses": ["A"]}}, "'caf\u00e9'"),
         ({"": {"statuses": ["A"]}}, "''"),
         ({"job": {"statuses": []}}, "job.statuses"),
         ({"job": {}}, "job.statuses"),
@@ -177,3 +183,17 @@ def test_catalog_does_not_share_alias_dicts():
     aliases["y"] = "A"
     assert catalog.canonical_status("job", "y") is None
     assert catalog.get("job").aliases == {"x": "A"}  # type: ignore[union-attr]
+
+
+def test_type_names_may_contain_hyphens_like_dcms_own():
+    catalog = Catalog.default().merged({"three-tier-app-demo": {"statuses": ["PENDING", "RUNNING", "FAILED", "DELETED"]}})
+    assert catalog.service_types()[-1] == "three-tier-app-demo"
+    assert catalog.canonical_status("three-tier-app-demo", " running ") == "RUNNING"
+    assert Catalog([ServiceType("a-b_c-9", ("UP",))]).statuses("a-b_c-9") == ("UP",)
+
+
+def test_type_name_errors_say_what_a_name_is():
+    with pytest.raises(ValueError, match=r"'dcm\.vm': a service type name is lower-case letters, digits, '_' and '-'"):
+        Catalog.from_mapping({"dcm.vm": {"statuses": ["A"]}})
+    with pytest.raises(ValueError, match="a service type name is"):
+        Catalog([ServiceType("VM", ("UP",))])

@@ -219,3 +219,32 @@ def test_stall_timeout_is_an_option_and_reaches_the_nats_source():
         _load(["--stall-timeout", "0"])
     service = Service(config, "nats://127.0.0.1:1", "postgresql://127.0.0.1:1/x", Catalog.default(), b"k" * 32)
     assert service.source.settings.stall_timeout == 12.5
+
+
+def test_max_clock_skew_default_env_flag_and_file(toml):
+    assert _load([])[0].max_clock_skew == 300.0
+    config, sources = _load([], {"DCMSTATUS_MAX_CLOCK_SKEW": "60"})
+    assert config.max_clock_skew == 60.0 and sources["max_clock_skew"] == "env DCMSTATUS_MAX_CLOCK_SKEW"
+    assert _load(["--max-clock-skew", "0.5"])[0].max_clock_skew == 0.5
+    assert _load(["--config", toml("max_clock_skew = 120\n")])[0].max_clock_skew == 120.0
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "86401"])
+def test_max_clock_skew_must_be_positive_and_at_most_a_day(value):
+    with pytest.raises(ConfigError, match=r"--max-clock-skew must be more than 0 and at most 86400 seconds"):
+        _load(["--max-clock-skew", value])
+    with pytest.raises(ConfigError, match="--max-clock-skew must be more than 0"):
+        _load([], {"DCMSTATUS_MAX_CLOCK_SKEW": value})
+
+
+def test_a_hyphenated_service_type_from_the_file_round_trips(toml, tmp_path):
+    path = toml('[service_types.three-tier-app-demo]\nstatuses = ["PENDING", "RUNNING"]\n')
+    config, sources = _load(["--config", path])
+    assert config.catalog().canonical_status("three-tier-app-demo", "running") == "RUNNING"
+    text = render_toml(config, sources)
+    assert "[service_types.three-tier-app-demo]" in text
+    again = tmp_path / "again.toml"
+    again.write_text(text)
+    assert _load(["--config", str(again)])[0].catalog() == config.catalog()
+    with pytest.raises(ConfigError, match=r"service_types\.'three\.tier': a service type name is lower-case"):
+        _load(["--config", toml('[service_types."three.tier"]\nstatuses = ["UP"]\n')])

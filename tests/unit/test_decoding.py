@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 import dcmstatus.core.model as model
 from dcmstatus.core.catalog import Catalog
-from dcmstatus.core.decoding import DEFAULT_MAX_EVENT_BYTES, Decoder, is_json_media_type
+from dcmstatus.core.cloudevents import is_json_media_type
+from dcmstatus.core.decoding import DEFAULT_MAX_EVENT_BYTES, Decoder
 from dcmstatus.core.model import DEAD_LETTER_BODY_BYTES, Rejection, StatusUpdate
 
 UTC = UTC

@@ -154,3 +154,27 @@ def test_setup_logging_formats_and_levels():
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_clock_skew_lines_name_the_instance_and_both_times_and_are_limited(capture):
+    logger, handler = capture
+    clock = Clock()
+    events = EventLog(logger, burst=2, interval=10.0, clock=clock)
+    stream_time = datetime(2026, 8, 6, 7, 6, 40, 123456, tzinfo=UTC)
+    for seq in range(1, 6):
+        update = StatusUpdate(
+            f"vm-{seq}", "vm", "RUNNING", "", "dcm/providers/bad-clock", None, stream_time, seq, datetime(2999, 1, 1, tzinfo=UTC)
+        )
+        events.clock_skew(update)
+    assert handler.messages()[0] == (
+        "event time ahead of the stream, using the stream time: reason=clock_skew seq=1 service_type=vm "
+        "instance_id=vm-1 provider=dcm/providers/bad-clock claimed_time=2999-01-01T00:00:00Z "
+        "stream_time=2026-08-06T07:06:40.123456Z"
+    )
+    record = handler.records[0]
+    assert (record.instance_id, record.claimed_time, record.stream_time, record.provider) == (
+        "vm-1", "2999-01-01T00:00:00Z", "2026-08-06T07:06:40.123456Z", "dcm/providers/bad-clock",
+    )
+    assert len(handler.records) == 2
+    events.flush()
+    assert handler.messages()[2] == "suppressed 3 event lines in the last 0s: clock_skew=3"

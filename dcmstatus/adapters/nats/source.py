@@ -39,8 +39,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
 from dcmstatus.core.errors import AccessDenied
 from dcmstatus.core.model import Delivery
-from dcmstatus.core.stall import StallWatch, Verdict
 from dcmstatus.core.redaction import redact_url
+from dcmstatus.core.stall import StallWatch, Verdict
 from dcmstatus.engine.metrics import Metrics
 
 log = logging.getLogger(__name__)
