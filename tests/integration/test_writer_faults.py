@@ -87,3 +87,47 @@ async def test_refused_newest_event_falls_back_to_the_older_valid_one(refusing_d
     assert sorted(source.acked) == [f"ack-{s}" for s in range(1, 5)]
     assert metrics.registry.get_sample_value("dcmstatus_events_applied_total") == 2
     assert metrics.registry.get_sample_value("dcmstatus_events_noop_total") == 1
+
+
+def test_close_while_a_statement_runs_cancels_it_and_the_owner_closes_the_connection(database_url):
+    """At the end of the grace period a writer thread may be abandoned in the
+    middle of a statement; closing its connection from another thread must
+    not pull the connection from under it."""
+    migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as setup:
+        setup.execute("INSERT INTO service_type_instances (instance_id, service_type) VALUES ('vm1', 'vm')")
+    store = StatusStore(database_url)
+    builder = BatchBuilder(1)
+    builder.add(StatusUpdate("vm1", "vm", "RUNNING", "", "test", None, T0, 1), "tok")
+    [batch] = builder.take()
+    outcome: list[BaseException | object] = []
+
+    def write() -> None:
+        try:
+            outcome.append(store.apply_sync(batch))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(database_url) as locker:
+        locker.execute("SELECT 1 FROM service_type_instances WHERE instance_id = 'vm1' FOR UPDATE")
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        with psycopg.connect(database_url, autocommit=True) as watcher:
+            deadline = 200
+            while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dcmstatus-writer'"
+                " AND wait_event_type = 'Lock'"
+            ).fetchone()[0]:
+                deadline -= 1
+                assert deadline, "the writer never blocked on the row lock"
+                threading.Event().wait(0.05)
+        store.close()
+        writer.join(30)  # a timeout only: the lock is still held, so only a cancel can end the statement
+        assert not writer.is_alive(), "close() left the running statement running"
+        locker.rollback()
+    [result] = outcome
+    assert isinstance(result, psycopg.errors.QueryCanceled), result
+    assert store._conn is None, "the connection was left open"
+    assert status_of(database_url, "vm1")[0] == "PROVISIONING"
+    with pytest.raises(Exception, match="closed"):
+        store.apply_sync(batch)
