@@ -9,6 +9,7 @@ layer above an adapter ever imports a driver to handle its failures.
     ├── ConfigError            a setting is wrong (exit 2; the message names it)
     ├── EmbeddedServerError    an embedded nats-server or PostgreSQL failed to start
     ├── StoreUnavailable       the database cannot be reached now; retry later
+    ├── StartupTimeout         a dependency stayed unreachable past --startup-timeout (exit 1)
     ├── BatchRefused           the database will never commit this batch as it is
     ├── InstanceExists         a create named an id that is taken
     ├── InvalidInput           the database refused a value of a create
@@ -31,6 +32,7 @@ __all__ = [
     "InstanceExists",
     "InvalidInput",
     "PublishError",
+    "StartupTimeout",
     "StoreUnavailable",
     "UsageError",
 ]
@@ -51,6 +53,11 @@ class EmbeddedServerError(DcmstatusError, RuntimeError):
 class StoreUnavailable(DcmstatusError):
     """The database cannot be reached now (connection lost or refused, pool
     exhausted, server shutting down). Nothing was changed; a retry may work."""
+
+
+class StartupTimeout(DcmstatusError):
+    """PostgreSQL or NATS was still unreachable when the start-up deadline
+    (--startup-timeout) passed; the message names it and the last error."""
 
 
 class BatchRefused(DcmstatusError):

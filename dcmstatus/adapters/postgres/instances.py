@@ -159,8 +159,10 @@ class InstanceStore:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     async def ping(self) -> None:
-        """Raise unless the database answers."""
-        await self._run(self._ping)
+        """Raise unless the database answers. Cancellable at once (the health
+        check's deadline holds against a database that never answers): the
+        abandoned thread ends, and frees its limiter slot, when libpq does."""
+        await trio.to_thread.run_sync(self._ping, limiter=self._limiter, abandon_on_cancel=True)
 
     async def create(
         self,
