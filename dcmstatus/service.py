@@ -58,7 +58,7 @@ HEALTH_DEADLINE = 2.0
 _API_STATEMENT_TIMEOUT = "5s"
 # At the end, closing database connections waits no longer than this for a
 # server that may not answer.
-_CLOSE_DEADLINE = 2.0
+_CLOSE_DEADLINE = 1.0
 
 
 class Service:
@@ -128,6 +128,7 @@ class Service:
         self._stop_now = False
         self._starting: trio.CancelScope | None = None
         self._draining: trio.CancelScope | None = None
+        self._consuming: trio.CancelScope | None = None
         self._drained = False
         self._nursery: trio.Nursery | None = None
 
@@ -191,6 +192,8 @@ class Service:
                 else:
                     log.info("stopped during start-up")
                 self._drained = True
+                if self._consuming is not None:
+                    self._consuming.cancel()  # what the grace period left: NATS redelivers it
                 http_stop.set()
                 nursery.cancel_scope.deadline = trio.current_time() + 3
                 if self._stop_now:
@@ -243,10 +246,17 @@ class Service:
         )
         log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
         self.api_pool.open(wait=False)  # connects in the background
+        await nursery.start(self._consume)
 
+    async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The pipeline and the source, in a scope of their own: what the
+        drain did not finish is cancelled at once, while HTTP stops gracefully."""
         send, receive = trio.open_memory_channel[Delivery](float("inf"))
-        await nursery.start(self.pipeline.run, receive)
-        await nursery.start(self.source.run, send)
+        async with trio.open_nursery() as nursery:
+            self._consuming = nursery.cancel_scope
+            await nursery.start(self.pipeline.run, receive)
+            await nursery.start(self.source.run, send)
+            task_status.started()
 
     async def _drain(self) -> None:
         config = self.config
@@ -279,7 +289,7 @@ class Service:
         closes its own connection when the statement ends (StatusStore.close)."""
         closers = [partial(self.api_pool.close, timeout=1.0)]
         closers += [partial(store.close, cancel_timeout=_CLOSE_DEADLINE) for store in self.writer_stores]
-        with trio.move_on_after(_CLOSE_DEADLINE + 1) as scope:
+        with trio.move_on_after(_CLOSE_DEADLINE + 0.5) as scope:
             async with trio.open_nursery() as nursery:
                 for close in closers:
                     nursery.start_soon(partial(trio.to_thread.run_sync, close, abandon_on_cancel=True))
