@@ -238,10 +238,11 @@ class Service:
         shown = self.config.redacted()["database_url"] if self.config.database_url else self.database_url
         log.info("applying database migrations")
         applied = await self.startup.reach(
-            f"PostgreSQL at {shown}",
+            "PostgreSQL",
             # Abandoned if the service is stopped meanwhile: the migration
             # is one transaction, rolled back when the connection goes.
             partial(trio.to_thread.run_sync, migrate, self.database_url, abandon_on_cancel=True),
+            at=shown,
             unreachable=(psycopg.OperationalError,),
         )
         log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")

@@ -4,8 +4,8 @@ try is, and retry with capped exponential back-off; give up with the reason
 once the start-up deadline (`--startup-timeout`, 0 = never) has passed
 (docs/operations.md#start-up).
 
-Meanwhile `Startup.awaiting` names what start-up waits for, so /health can
-say it. Errors that say the configuration is wrong (`ConfigError`) are never
+Meanwhile `Startup.awaiting` names what start-up waits for (the kind, not
+the address: /health answers without a token), so /health can say it. Errors that say the configuration is wrong (`ConfigError`) are never
 retried: waiting cannot fix them.
 """
 
@@ -41,23 +41,26 @@ class Startup:
 
     @property
     def awaiting(self) -> str | None:
-        """What start-up is waiting for now, e.g. "PostgreSQL at …", or None."""
+        """What start-up is waiting for now, e.g. "PostgreSQL", or None."""
         return ", ".join(self._awaiting) or None
 
-    def dependency(self, what: str) -> Dependency:
-        """The tries of one dependency, for a caller that runs its own loop."""
+    def dependency(self, name: str, at: str = "") -> Dependency:
+        """The tries of dependency `name` (at address `at`, for the log), for
+        a caller that runs its own loop."""
         if self._deadline is None:
             self.begin()
-        return Dependency(self, what)
+        return Dependency(self, name, at)
 
     async def reach(
         self,
-        what: str,
+        name: str,
         attempt: Callable[[], Awaitable[T]],
+        *,
+        at: str = "",
         unreachable: tuple[type[BaseException], ...] = (Exception,),
     ) -> T:
         """`await attempt()` until it succeeds; retry the errors in `unreachable`."""
-        tries = self.dependency(what)
+        tries = self.dependency(name, at)
         while True:
             try:
                 result = await attempt()
@@ -74,12 +77,13 @@ class Startup:
 class Dependency:
     """One awaited dependency: logs each failed try, waits, or gives up."""
 
-    def __init__(self, startup: Startup, what: str) -> None:
+    def __init__(self, startup: Startup, name: str, at: str = "") -> None:
         self._startup = startup
-        self.what = what
+        self.name = name
+        self.what = f"{name} at {at}" if at else name
         self.tries = 0
         self._delay = startup.first_delay
-        startup._awaiting.append(what)
+        startup._awaiting.append(name)
 
     async def failed(self, exc: BaseException) -> None:
         """After a failed try: wait for the next one, or raise StartupTimeout."""
@@ -108,8 +112,8 @@ class Dependency:
 
     def forget(self) -> None:
         """No longer awaited."""
-        if self.what in self._startup._awaiting:
-            self._startup._awaiting.remove(self.what)
+        if self.name in self._startup._awaiting:
+            self._startup._awaiting.remove(self.name)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -40,9 +40,9 @@ async def test_retries_with_capped_backoff_and_says_what_it_awaits(autojump_cloc
         seen.append(startup.awaiting)
         return await failing(times, 6)()
 
-    assert await startup.reach("PostgreSQL at pg:5432", attempt) == "up"
+    assert await startup.reach("PostgreSQL", attempt, at="pg:5432") == "up"
     assert [round(b - a, 6) for a, b in zip(times, times[1:])] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
-    assert set(seen) == {"PostgreSQL at pg:5432"}
+    assert set(seen) == {"PostgreSQL"}  # health names the kind, the log the address
     assert startup.awaiting is None
     waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(waits) == 6, waits
@@ -56,7 +56,7 @@ async def test_gives_up_at_the_deadline_with_the_reason(autojump_clock):
     startup.begin()
     times: list[float] = []
     with pytest.raises(StartupTimeout) as raised:
-        await startup.reach("NATS at nats://n:4222", failing(times, 10**6))
+        await startup.reach("NATS", failing(times, 10**6), at="nats://n:4222")
     assert times[-1] == pytest.approx(10.0), "the last try is at the deadline, not before nor long after"
     assert trio.current_time() == pytest.approx(10.0)
     message = str(raised.value)

@@ -177,7 +177,7 @@ class JetStreamSource:
         return h["nats"] == "connected" and h["consumer"] == "subscribed"
 
     async def _connect(self) -> None:
-        tries = self._startup.dependency(f"NATS at {self.settings.url}")
+        tries = self._startup.dependency("NATS", at=",".join(map(_shown, self.settings.url.split(","))))
         while True:
             try:
                 self._nc = await trio_asyncio.aio_as_trio(nats.connect)(
