@@ -155,6 +155,10 @@ class Service:
         ok = self.ready and database == "reachable" and self.source.healthy and self.pipeline.store_healthy
         return ok, components
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
     def stop(self) -> None:
         """Stop gracefully (the first SIGTERM/SIGINT): give up start-up, or drain."""
         self._stopped.set()
@@ -224,12 +228,10 @@ class Service:
             bind_error = _bind_error(exc)
             if bind_error is None:
                 raise
-            hint = {errno.EADDRINUSE: "the port is taken: stop what uses it, or choose another"}.get(
-                bind_error.errno, "choose another"
-            )
             raise ConfigError(
-                f"cannot listen on {config.http_host}:{config.http_port} ({bind_error.strerror}); "
-                f"{hint} with --http-port or --http-host (DCMSTATUS_HTTP_PORT, DCMSTATUS_HTTP_HOST)"
+                f"cannot listen on {config.http_host}:{config.http_port} ({bind_error.strerror}): choose another "
+                "port with --http-port or address with --http-host (DCMSTATUS_HTTP_PORT, DCMSTATUS_HTTP_HOST), "
+                "or stop what uses it"
             ) from None
         self.http_url = binds[0] if binds else f"http://{config.http_host}:{config.http_port}"
         log.info("HTTP API listening at %s", self.http_url)
@@ -310,7 +312,8 @@ def _bind_error(exc: BaseException) -> OSError | None:
             if (found := _bind_error(inner)) is not None:
                 return found
         return None
-    return exc if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL) else None
+    bind_errors = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+    return exc if isinstance(exc, OSError) and exc.errno in bind_errors else None
 
 
 async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
@@ -355,7 +358,7 @@ async def _watch_signals(signals, service: Service) -> None:
     """The first SIGTERM/SIGINT stops gracefully, a second one at once."""
     async for signum in signals:
         name = signal.Signals(signum).name
-        if service._stopped.is_set():
+        if service.stopping:
             log.warning("received %s again: stopping at once", name)
             service.stop_now()
         else:

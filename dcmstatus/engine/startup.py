@@ -101,7 +101,9 @@ class Dependency:
             ) from None
         wait = min(self._delay, remaining)
         give_up = "" if math.isinf(remaining) else f", giving up in {remaining:.0f}s"
-        log.warning("waiting for %s: try %d failed (%s); next try in %.1fs%s", self.what, self.tries, reason, wait, give_up)
+        log.warning(
+            "waiting for %s: try %d failed (%s); next try in %.1fs%s", self.what, self.tries, reason, wait, give_up
+        )
         await trio.sleep(wait)
         self._delay = min(self._delay * 2, startup.max_delay)
 

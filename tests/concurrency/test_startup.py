@@ -4,6 +4,7 @@ the reason, never retry a configuration error, 0 waits forever."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -19,11 +20,11 @@ def autojump_clock():
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-def failing(times: list[float], failures: int, error: Exception = ConnectionRefusedError("nobody listens")):
+def failing(times: list[float], failures: int, error: Exception | None = None):
     async def attempt():
         times.append(trio.current_time())
         if len(times) <= failures:
-            raise error
+            raise error or ConnectionRefusedError("nobody listens")
         return "up"
 
     return attempt
@@ -41,12 +42,14 @@ async def test_retries_with_capped_backoff_and_says_what_it_awaits(autojump_cloc
         return await failing(times, 6)()
 
     assert await startup.reach("PostgreSQL", attempt, at="pg:5432") == "up"
-    assert [round(b - a, 6) for a, b in zip(times, times[1:])] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
+    assert [round(b - a, 6) for a, b in itertools.pairwise(times)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
     assert set(seen) == {"PostgreSQL"}  # health names the kind, the log the address
     assert startup.awaiting is None
     waits = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(waits) == 6, waits
-    assert waits[0].startswith("waiting for PostgreSQL at pg:5432: try 1 failed (ConnectionRefusedError: nobody listens)")
+    assert waits[0].startswith(
+        "waiting for PostgreSQL at pg:5432: try 1 failed (ConnectionRefusedError: nobody listens)"
+    )
     assert "next try in 0.5s, giving up in 120s" in waits[0]
     assert any("reachable after 6 failed tries" in r.getMessage() for r in caplog.records)
 

@@ -126,6 +126,12 @@ def test_sigterm_while_awaiting_a_dependency_exits_0(starting):
     assert "stopped during start-up" in svc.log()
 
 
+def test_a_list_of_nats_servers_is_used_as_a_list(nats_url, database_url, starting):
+    svc = starting(f"{unreachable_nats_url()}, {nats_url}", database_url)
+    wait_for(lambda: svc.health()[0] == 200, "healthy through the live server of the list", 60)
+    assert svc.terminate() == 0, svc.log()
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
@@ -160,5 +166,7 @@ def test_the_startup_timeout_is_an_option_declared_once(tmp_path):
         env={**os.environ, "DCMSTATUS_STARTUP_TIMEOUT": "7"}, check=True,
     )  # fmt: skip
     assert json.loads(out.stdout)["startup_timeout"] == 7.0
-    help_text = subprocess.run([sys.executable, "-m", "dcmstatus", "serve", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "dcmstatus", "serve", "--help"], capture_output=True, text=True
+    ).stdout
     assert "--startup-timeout" in help_text and "0 waits forever" in help_text

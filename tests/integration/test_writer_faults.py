@@ -42,7 +42,9 @@ def refusing_db(database_url):
     """A database whose trigger refuses status FAILED for vm1."""
     migrate(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("INSERT INTO service_type_instances (instance_id, service_type) VALUES ('vm1', 'vm'), ('vm2', 'vm')")
+        conn.execute(
+            "INSERT INTO service_type_instances (instance_id, service_type) VALUES ('vm1', 'vm'), ('vm2', 'vm')"
+        )
         conn.execute(
             """CREATE FUNCTION refuse_failed() RETURNS trigger LANGUAGE plpgsql AS $$
                BEGIN
@@ -131,3 +133,21 @@ def test_close_while_a_statement_runs_cancels_it_and_the_owner_closes_the_connec
     assert status_of(database_url, "vm1")[0] == "PROVISIONING"
     with pytest.raises(Exception, match="closed"):
         store.apply_sync(batch)
+
+
+def test_the_api_pool_bounds_every_statement_and_keeps_tcp_alive(database_url):
+    """A database that stops answering mid-request must not hold an API
+    worker thread for ever: statement timeout and TCP keepalives."""
+    from dcmstatus.config import ServeConfig
+    from dcmstatus.core.catalog import Catalog
+    from dcmstatus.service import Service
+
+    config = ServeConfig(nats_url="nats://127.0.0.1:4222", database_url=database_url)
+    service = Service(config, config.nats_url, database_url, Catalog.default())
+    service.api_pool.open(wait=True)
+    try:
+        with service.api_pool.connection() as conn:
+            assert conn.execute("SHOW statement_timeout").fetchone() == ("5s",)
+            assert conn.info.get_parameters()["keepalives"] == "1"
+    finally:
+        service.api_pool.close()
