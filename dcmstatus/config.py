@@ -142,6 +142,11 @@ class ServeConfig:
     )
     dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
     grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
+    startup_timeout: float = _opt(
+        120.0,
+        "seconds to wait at start-up for PostgreSQL and NATS to be reachable, then exit 1 (0 waits forever)",
+        type=float,
+    )
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _opt("text", "text (human) or json (one object per line, event fields as keys)", type=_lower, choices=("text", "json"))
     max_request_bytes: int = _opt(1024 * 1024, "HTTP request bodies larger than this are refused with 413", type=int)
@@ -256,6 +261,8 @@ class ServeConfig:
                 f"--durable {self.durable!r} is a durable consumer of DCM itself: sharing it would split DCM's "
                 "deliveries with dcmstatus, and each would miss events. Use a name of its own, e.g. 'dcmstatus'"
             )
+        if self.startup_timeout < 0:
+            raise ValueError("--startup-timeout must be 0 (wait forever) or positive")
         if self.api_token is not None and not self.api_token.strip():
             raise ValueError("the API token is empty: set a non-empty one or none")
         if self.page_token_secret is not None and len(self.page_token_secret.strip()) < MIN_SECRET_CHARS:

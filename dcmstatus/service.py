@@ -1,28 +1,36 @@
 """The supervisor of `dcmstatus serve`: owns the one trio nursery, the start-up
-order and the shutdown.
+order and the shutdown; the one place that decides when the service stops.
 
-Start-up: page token secret → (embedded servers) → database migrations → HTTP server → NATS
-stream and consumer → consuming. Each long-running task reports readiness
+Start-up: page token secret → (embedded servers) → HTTP server → database (migrations) → pipeline
+→ NATS stream and consumer → consuming. HTTP comes first so that /health can
+say what start-up is waiting for: PostgreSQL and NATS are awaited under one
+policy (engine/startup.py: retry with capped back-off until
+`--startup-timeout`, then exit 1). Each long-running task reports readiness
 through `task_status`, so nothing starts before what it depends on.
 
 Shutdown, on SIGTERM/SIGINT, within `grace_period`: stop pulling, flush the
-last batch, commit, ack, flush the acks, close NATS; then stop HTTP and the
-embedded servers. Whatever is not acked by the deadline is left to NATS to
-redeliver, which the ordering guard makes harmless.
+last batch, commit, ack, flush the acks, close NATS; then stop HTTP, close
+the database connections and stop the embedded servers. A second signal
+stops at once, still stopping the embedded servers. Whatever is not acked is
+left to NATS to redeliver, which the ordering guard makes harmless
+(docs/operations.md#shutdown).
 """
 
 # trio_asyncio first: it patches asyncio before psycopg binds to it (field notes).
 import trio_asyncio  # isort: skip
 
+import errno
 import json
 import logging
 import os
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
+import psycopg
 import psycopg_pool
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -30,30 +38,32 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from dcmstatus.adapters.http.app import make_app
 from dcmstatus.adapters.http.page_tokens import load_or_create_secret
-from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
+from dcmstatus.adapters.postgres.conninfo import check_conninfo
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
 from dcmstatus.config import ServeConfig
 from dcmstatus.core.catalog import Catalog
 from dcmstatus.core.decoding import Decoder
+from dcmstatus.core.errors import ConfigError
 from dcmstatus.core.model import Delivery
 from dcmstatus.core.redaction import redact_url
 from dcmstatus.engine.metrics import Metrics
 from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
+from dcmstatus.engine.startup import Startup
 
 log = logging.getLogger(__name__)
 
+# A health check answers within this, whatever the database does.
+HEALTH_DEADLINE = 2.0
 # Where the page token secret is kept when none is configured (docs/security.md).
 PAGE_TOKEN_KEY_FILE = "page-token.key"
-
-
-def page_token_secret(config: ServeConfig) -> bytes:
-    """The configured page token secret, or the one kept in the data
-    directory (made on first start, reused after)."""
-    if config.page_token_secret is not None:
-        return config.page_token_secret.encode("utf-8")
-    return load_or_create_secret(Path(config.data_dir) / PAGE_TOKEN_KEY_FILE)
+# No API request holds a database connection (and a worker thread) longer.
+_API_STATEMENT_TIMEOUT = "5s"
+# At the end, closing database connections waits no longer than this for a
+# server that may not answer.
+_CLOSE_DEADLINE = 1.0
 
 
 class Service:
@@ -62,12 +72,13 @@ class Service:
     def __init__(
         self, config: ServeConfig, nats_url: str, database_url: str, catalog: Catalog, page_token_secret: bytes
     ) -> None:
-        self.config = config
         self.page_token_secret = page_token_secret
+        self.config = config
         self.nats_url = nats_url
         self.database_url = database_url
         self.catalog = catalog
         self.metrics = Metrics()
+        self.startup = Startup(config.startup_timeout)
         self.source = JetStreamSource(
             NatsSettings(
                 url=nats_url,
@@ -84,6 +95,7 @@ class Service:
                 security=config.nats_security(),
             ),
             self.metrics,
+            self.startup,
         )
         self.writer_stores = [
             StatusStore(
@@ -108,113 +120,270 @@ class Service:
             ),
         )
         # Short timeouts: while the database is down, /health and the API must
-        # answer 503 promptly, not hold a worker thread for the pool's default 30 s.
+        # answer 503 promptly, not hold a worker thread for the pool's default
+        # 30 s; keepalives and a statement timeout bound a database that stops
+        # answering mid-request.
         self.api_pool = psycopg_pool.ConnectionPool(
             database_url,
             min_size=1,
             max_size=4,
             open=False,
             timeout=2.0,
-            kwargs={"application_name": "dcmstatus-api", "connect_timeout": 2},
+            configure=_configure_api_connection,
+            kwargs={
+                "application_name": "dcmstatus-api",
+                "connect_timeout": 2,
+                "keepalives": 1,
+                "keepalives_idle": 10,
+                "keepalives_interval": 5,
+                "keepalives_count": 3,
+            },
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
         self.http_url = ""
+        self.ready = False  # consuming: start-up is over
+        self._stopped = trio.Event()
+        self._stop_now = False
+        self._starting: trio.CancelScope | None = None
+        self._draining: trio.CancelScope | None = None
+        self._consuming: trio.CancelScope | None = None
+        self._drained = False
+        self._nursery: trio.Nursery | None = None
 
     async def health(self) -> tuple[bool, dict]:
-        try:
-            with trio.fail_after(2):
-                await self.instances.ping()
-            database = "reachable"
-        except Exception:
-            database = "unreachable"
-        components = {"database": database, **self.source.health()}
+        components: dict[str, str] = {}
+        if not self.ready:
+            awaiting = self.startup.awaiting
+            components["startup"] = f"waiting for {awaiting}" if awaiting else "starting"
+        if self.api_pool.closed:  # opened once the database is reached
+            database = "not connected yet"
+        else:
+            # Abandoned at the deadline if the database does not answer (see InstanceStore.ping).
+            with trio.move_on_after(HEALTH_DEADLINE) as deadline:
+                try:
+                    await self.instances.ping()
+                    database = "reachable"
+                except Exception:
+                    database = "unreachable"
+            if deadline.cancelled_caught:
+                database = f"unreachable (no answer within {HEALTH_DEADLINE:g}s)"
+        components.update(database=database, **self.source.health())
         if not self.pipeline.store_healthy:
             components["writes"] = "failing"
-        ok = database == "reachable" and self.source.healthy and self.pipeline.store_healthy
+        ok = self.ready and database == "reachable" and self.source.healthy and self.pipeline.store_healthy
         return ok, components
 
-    async def run(self, *, stopped: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run until `stopped` is set, then drain within the grace period."""
-        config = self.config
-        await trio.to_thread.run_sync(self.api_pool.open)
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """Stop gracefully (the first SIGTERM/SIGINT): give up start-up, or drain."""
+        self._stopped.set()
+        if self._starting is not None:
+            self._starting.cancel()
+
+    def stop_now(self) -> None:
+        """Stop at once (a second signal): abandon the drain and what is in flight."""
+        self._stop_now = True
+        self.stop()
+        if self._draining is not None:
+            self._draining.cancel()  # _drain says what it left, then run() cancels the rest
+        elif self._drained and self._nursery is not None:
+            self._nursery.cancel_scope.cancel()  # only HTTP was still stopping
+
+    async def run(self, ready: Callable[[], None] = lambda: None) -> None:
+        """Serve HTTP, await the dependencies, call `ready()` once consuming,
+        and run until stopped; then drain within the grace period."""
+        self.startup.begin()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 http_stop = trio.Event()
-                app = make_app(
-                    self.instances,
-                    set(self.catalog.service_types()),
-                    self.health,
-                    self.metrics.registry,
-                    page_token_secret=self.page_token_secret,
-                    api_token=config.api_token,
-                    max_body_bytes=config.max_request_bytes,
-                )
-                hconfig = HypercornConfig()
-                hconfig.bind = [f"{config.http_host}:{config.http_port}"]
-                hconfig.accesslog = None
-                # Through our logging set-up, not a second handler of hypercorn's own.
-                hconfig.errorlog = logging.getLogger("hypercorn.error")
-                hconfig.graceful_timeout = 2
-                binds = await nursery.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
-                self.http_url = binds[0] if binds else f"http://{config.http_host}:{config.http_port}"
-
-                send, receive = trio.open_memory_channel[Delivery](float("inf"))
-                await nursery.start(self.pipeline.run, receive)
-                await nursery.start(self.source.run, send)
-                task_status.started()
-
-                await stopped.wait()
-                log.info("stopping: finishing in-flight work (grace period %.0fs)", config.grace_period)
-                with trio.move_on_after(config.grace_period) as grace:
-                    await self.source.stop_intake()
-                    await self.pipeline.drained.wait()
-                    await self.source.close()
-                if grace.cancelled_caught:
-                    log.warning(
-                        "grace period over with work in flight; unacknowledged messages will be redelivered"
-                    )
-                log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in self.metrics.totals().items()))
+                await self._serve_http(nursery, http_stop)
+                with trio.CancelScope() as starting:
+                    self._starting = starting
+                    if not self._stopped.is_set():
+                        await self._start_consuming(nursery)
+                        self.ready = True
+                self._starting = None
+                if self.ready:
+                    ready()
+                    await self._stopped.wait()
+                    await self._drain()
+                else:
+                    log.info("stopped during start-up")
+                self._drained = True
+                if self._consuming is not None:
+                    self._consuming.cancel()  # what the grace period left: NATS redelivers it
                 http_stop.set()
                 nursery.cancel_scope.deadline = trio.current_time() + 3
+                if self._stop_now:
+                    nursery.cancel_scope.cancel()
         finally:
-            await trio.to_thread.run_sync(self.api_pool.close)
-            for store in self.writer_stores:
-                store.close()
+            self._nursery = None
+            await self._close_connections()
+
+    async def _serve_http(self, nursery: trio.Nursery, http_stop: trio.Event) -> None:
+        config = self.config
+        app = make_app(
+            self.instances,
+            set(self.catalog.service_types()),
+            self.health,
+            self.metrics.registry,
+            api_token=config.api_token,
+            page_token_secret=self.page_token_secret,
+            max_body_bytes=config.max_request_bytes,
+        )
+        hconfig = HypercornConfig()
+        hconfig.bind = [f"{config.http_host}:{config.http_port}"]
+        hconfig.accesslog = None
+        # Through our logging set-up, not a second handler of hypercorn's own.
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.graceful_timeout = 2
+        try:
+            binds = await nursery.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
+        except Exception as exc:
+            bind_error = _bind_error(exc)
+            if bind_error is None:
+                raise
+            raise ConfigError(
+                f"cannot listen on {config.http_host}:{config.http_port} ({bind_error.strerror}): choose another "
+                "port with --http-port or address with --http-host (DCMSTATUS_HTTP_PORT, DCMSTATUS_HTTP_HOST), "
+                "or stop what uses it"
+            ) from None
+        self.http_url = binds[0] if binds else f"http://{config.http_host}:{config.http_port}"
+        log.info("HTTP API listening at %s", self.http_url)
+
+    async def _start_consuming(self, nursery: trio.Nursery) -> None:
+        shown = self.config.redacted()["database_url"] if self.config.database_url else self.database_url
+        log.info("applying database migrations")
+        applied = await self.startup.reach(
+            "PostgreSQL",
+            # Abandoned if the service is stopped meanwhile: the migration
+            # is one transaction, rolled back when the connection goes.
+            partial(trio.to_thread.run_sync, migrate, self.database_url, abandon_on_cancel=True),
+            at=shown,
+            unreachable=(psycopg.OperationalError,),
+        )
+        log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
+        self.api_pool.open(wait=False)  # connects in the background
+        await nursery.start(self._consume)
+
+    async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The pipeline and the source, in a scope of their own: what the
+        drain did not finish is cancelled at once, while HTTP stops gracefully."""
+        send, receive = trio.open_memory_channel[Delivery](float("inf"))
+        async with trio.open_nursery() as nursery:
+            self._consuming = nursery.cancel_scope
+            await nursery.start(self.pipeline.run, receive)
+            await nursery.start(self.source.run, send)
+            task_status.started()
+
+    async def _drain(self) -> None:
+        config = self.config
+        log.info("stopping: finishing in-flight work (grace period %.0fs)", config.grace_period)
+        with trio.move_on_after(config.grace_period) as grace:
+            self._draining = grace
+            if self._stop_now:  # the second signal came before the drain began
+                grace.cancel()
+            await self.source.stop_intake()
+            await self.pipeline.drained.wait()
+            await self.source.close()
+        self._draining = None
+        if self._stop_now:
+            log.warning(
+                "stopping at once (second signal): %d received messages left unacknowledged; "
+                "NATS redelivers them after ack_wait (%gs)", self.source.unacknowledged, config.ack_wait,
+            )
+            with trio.move_on_after(1):  # the acks already sent still go out
+                await self.source.close()
+        elif grace.cancelled_caught:
+            log.warning(
+                "grace period over with work in flight; %d unacknowledged messages will be redelivered",
+                self.source.unacknowledged,
+            )
+        log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in self.metrics.totals().items()))
+
+    async def _close_connections(self) -> None:
+        """Close the API pool and the writers' connections, side by side, no
+        longer than _CLOSE_DEADLINE: a writer thread abandoned mid-statement
+        closes its own connection when the statement ends (StatusStore.close)."""
+        closers = [partial(self.api_pool.close, timeout=1.0)]
+        closers += [partial(store.close, cancel_timeout=_CLOSE_DEADLINE) for store in self.writer_stores]
+        with trio.move_on_after(_CLOSE_DEADLINE + 0.5) as scope:
+            async with trio.open_nursery() as nursery:
+                for close in closers:
+                    nursery.start_soon(partial(trio.to_thread.run_sync, close, abandon_on_cancel=True))
+        if scope.cancelled_caught:
+            log.warning("the database did not answer while its connections were closed; left them to the exit")
+
+
+def _configure_api_connection(conn: psycopg.Connection) -> None:
+    conn.execute(f"SET statement_timeout = '{_API_STATEMENT_TIMEOUT}'")
+    conn.commit()  # the pool takes only idle connections
+
+
+def _bind_error(exc: BaseException) -> OSError | None:
+    """The OSError of a failed bind inside (nested) exception groups, if any."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _bind_error(inner)) is not None:
+                return found
+        return None
+    bind_errors = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+    return exc if isinstance(exc, OSError) and exc.errno in bind_errors else None
 
 
 async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
     """`dcmstatus serve`: returns the exit code."""
     catalog = catalog or Catalog.default()
+    if not config.embedded:
+        _check_urls(config)
     secret = page_token_secret(config)  # before anything starts: a bad one is a config error
-    async with trio_asyncio.open_loop() as loop:
-        loop.set_exception_handler(asyncio_exception_handler)
-        async with AsyncExitStack() as stack:
-            nats_url, database_url = config.nats_url, config.database_url
-            if config.embedded:
-                nats_url, database_url = await _start_embedded(config, stack)
-            log.info("applying database migrations")
-            applied = await trio.to_thread.run_sync(migrate, database_url)
-            log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
-
-            service = Service(config, nats_url, database_url, catalog, secret)
-            stopped = trio.Event()
-            # runtime.json describes a running service: it goes when we go.
-            stack.callback((Path(config.data_dir) / "runtime.json").unlink, missing_ok=True)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_wait_for_signal, stopped)
-                await nursery.start(partial(service.run, stopped=stopped))
-                _announce(config, service)
-                # run() returns after the drain; the signal watcher goes with it.
-                await stopped.wait()
+    # Signals are ours from here to the very end: one arriving while the
+    # embedded servers stop cannot interrupt their stop (no orphans).
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(asyncio_exception_handler)
+            async with AsyncExitStack() as stack:
+                nats_url, database_url = config.nats_url, config.database_url
+                if config.embedded:
+                    nats_url, database_url = await _start_embedded(config, stack)
+                service = Service(config, nats_url, database_url, catalog, secret)
+                # runtime.json describes a running service: it goes when we go.
+                stack.callback((Path(config.data_dir) / "runtime.json").unlink, missing_ok=True)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_signals, signals, service)
+                    await service.run(ready=partial(_announce, config, service))
+                    nursery.cancel_scope.cancel()  # the signal watcher
     return 0
 
 
-async def _wait_for_signal(stopped: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s", signal.Signals(signum).name)
-            stopped.set()
-            return
+def _check_urls(config: ServeConfig) -> None:
+    """A malformed URL is a configuration error (exit 2), not something to wait for."""
+    redacted = config.redacted()
+    for option, check in (("nats_url", nats_servers), ("database_url", check_conninfo)):
+        try:
+            check(getattr(config, option))
+        except ValueError as exc:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(
+                f"{flag} {redacted[option]!r} is not valid: {exc} "
+                f"(set by the flag, DCMSTATUS_{option.upper()} or the config file)"
+            ) from None
+
+
+async def _watch_signals(signals, service: Service) -> None:
+    """The first SIGTERM/SIGINT stops gracefully, a second one at once."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if service.stopping:
+            log.warning("received %s again: stopping at once", name)
+            service.stop_now()
+        else:
+            log.info("received %s", name)
+            service.stop()
 
 
 async def _start_embedded(config: ServeConfig, stack: AsyncExitStack) -> tuple[str, str]:
@@ -245,14 +414,22 @@ async def _gather_sync(*functions):
     return results
 
 
+def page_token_secret(config: ServeConfig) -> bytes:
+    """The configured page token secret, or the one kept in the data
+    directory (made on first start, reused after)."""
+    if config.page_token_secret is not None:
+        return config.page_token_secret.encode("utf-8")
+    return load_or_create_secret(Path(config.data_dir) / PAGE_TOKEN_KEY_FILE)
+
+
 def _announce(config: ServeConfig, service: Service) -> None:
-    # The URLs carry the embedded servers' secrets: the file is the owner's
-    # alone (0600), which is what lets the other commands reach them.
     runtime = {"http_url": service.http_url, "nats_url": service.nats_url, "database_url": service.database_url}
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed: a reader never sees it half-written.
+        # The URLs carry the embedded servers' secrets: the file is the owner's
+        # alone (0600), which is what lets the other commands reach them.
         partial = data_dir / f".runtime.json.{os.getpid()}"
         partial.unlink(missing_ok=True)
         with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:

@@ -228,7 +228,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(exc) from None
     except Exception as exc:  # one readable line; the traceback is in the DEBUG log
         logging.getLogger("dcmstatus").debug("serve failed", exc_info=True)
-        causes = "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc))
+        leaves = _leaves(exc)
+        if all(isinstance(e, ConfigError) for e in leaves):  # found only once serving began
+            for e in leaves:
+                print(f"dcmstatus serve: {e}", file=sys.stderr)
+            return 2
+        causes = "; ".join(f"{type(e).__name__}: {e}" for e in leaves)
         print(f"dcmstatus serve: stopped by an error: {causes}\n"
               "Run with --log-level DEBUG for the traceback.", file=sys.stderr)
         return 1

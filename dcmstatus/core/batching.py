@@ -4,7 +4,10 @@ write batch, and which of them still matter. Pure and I/O-free.
 Why coalesce: `UPDATE … FROM unnest(…)` with one id twice updates the row from
 either of them, unpredictably, and OSAC-style re-publishing makes most traffic
 duplicates. So each batch keeps only the newest event per instance (by the
-contract's ordering key) while still carrying every message's ack token.
+contract's ordering key) while still carrying every message's ack token. The
+events it supersedes stay with the batch, unwritten: should the database
+refuse the newest one (poison), the newest of those is applied instead of
+being acked without effect (docs/reliability.md).
 
 Why shards: parallel writers that touch disjoint instances never wait on each
 other's row locks and never deadlock, so an instance always lands in the same
@@ -24,7 +27,7 @@ Token = TypeVar("Token")
 class WriteBatch(Generic[Token]):
     """One transaction's worth of work for one writer."""
 
-    __slots__ = ("rejections", "shard", "superseded", "tokens", "updates")
+    __slots__ = ("older", "rejections", "shard", "superseded", "tokens", "updates")
 
     def __init__(
         self,
@@ -33,12 +36,26 @@ class WriteBatch(Generic[Token]):
         rejections: list[Rejection],
         tokens: list[Token],
         superseded: int,
+        older: dict[tuple[str, str], list[StatusUpdate]] | None = None,
     ) -> None:
         self.shard = shard
         self.updates = updates  # newest per instance, sorted by instance id
         self.rejections = rejections
         self.tokens = tokens  # one per message in the batch: all are acked after commit
         self.superseded = superseded  # events dropped because a newer one for the same instance was in the batch
+        # Those dropped events, by (instance id, service type) of the update
+        # that superseded them: the fall-back should that update be refused.
+        self.older = older if older is not None else {}
+
+    def fallback(self, refused: StatusUpdate) -> WriteBatch[Token] | None:
+        """The batch to apply instead of `refused` (an update of this batch the
+        store will never take): the newest event it superseded, still carrying
+        the older ones, or None when it superseded nothing."""
+        older = sorted(self.older.get(_key(refused), ()), key=StatusUpdate.order_key, reverse=True)
+        if not older:
+            return None
+        newest, rest = older[0], older[1:]
+        return WriteBatch(self.shard, [newest], [], [], len(rest), {_key(newest): rest} if rest else None)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -49,14 +66,18 @@ class WriteBatch(Generic[Token]):
 
     def halves(self) -> tuple[WriteBatch[Token], WriteBatch[Token]]:
         """Two batches holding this one's events, to isolate one the store refuses.
-        Tokens stay with the caller: a message is acked when its whole batch is resolved."""
+        Tokens stay with the caller: a message is acked when its whole batch is resolved.
+        Superseded events go with the update that superseded them, so each
+        half counts exactly its own."""
         events: list[StatusUpdate | Rejection] = [*self.updates, *self.rejections]
         middle = len(events) // 2
         parts = []
-        for part, superseded in ((events[:middle], self.superseded), (events[middle:], 0)):
+        for part in (events[:middle], events[middle:]):
             updates = [e for e in part if type(e) is StatusUpdate]
             rejections = [e for e in part if type(e) is not StatusUpdate]
-            parts.append(WriteBatch(self.shard, updates, rejections, [], superseded))  # type: ignore[arg-type]
+            older = {_key(u): self.older[_key(u)] for u in updates if _key(u) in self.older}  # type: ignore[arg-type]
+            superseded = sum(map(len, older.values()))
+            parts.append(WriteBatch(self.shard, updates, rejections, [], superseded, older))  # type: ignore[arg-type]
         return parts[0], parts[1]
 
     def rejection_counts(self) -> Counter[str]:
@@ -70,10 +91,11 @@ class WriteBatch(Generic[Token]):
 
 
 class _Shard:
-    __slots__ = ("newest", "rejections", "superseded", "tokens")
+    __slots__ = ("newest", "older", "rejections", "superseded", "tokens")
 
     def __init__(self) -> None:
         self.newest: dict[tuple[str, str], StatusUpdate] = {}
+        self.older: dict[tuple[str, str], list[StatusUpdate]] = {}
         self.rejections: list[Rejection] = []
         self.tokens: list[Any] = []
         self.superseded = 0
@@ -103,9 +125,17 @@ class BatchBuilder(Generic[Token]):
             if current is None:
                 shard.newest[key] = decision
             else:
+                # Only duplicates and re-publishes get here: the common path
+                # above stays one dict lookup.
                 shard.superseded += 1
                 if decision.order_key() > current.order_key():
                     shard.newest[key] = decision
+                    decision = current
+                older = shard.older.get(key)
+                if older is None:
+                    shard.older[key] = [decision]
+                else:
+                    older.append(decision)
         else:
             # Rejections carry no row lock: any shard can record them.
             shard = self._shards[0]
@@ -123,7 +153,7 @@ class BatchBuilder(Generic[Token]):
         updates = sorted(shard.newest.values(), key=_instance_id)
         self._shards[index] = _Shard()
         self._messages -= len(shard.tokens)
-        return WriteBatch(index, updates, shard.rejections, shard.tokens, shard.superseded)
+        return WriteBatch(index, updates, shard.rejections, shard.tokens, shard.superseded, shard.older)
 
     def take(self) -> list[WriteBatch[Token]]:
         """The non-empty batches collected so far, one per shard; resets the builder."""
@@ -132,3 +162,7 @@ class BatchBuilder(Generic[Token]):
 
 def _instance_id(update: StatusUpdate) -> str:
     return update.instance_id
+
+
+def _key(update: StatusUpdate) -> tuple[str, str]:
+    return (update.instance_id, update.service_type)

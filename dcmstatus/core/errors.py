@@ -10,6 +10,7 @@ layer above an adapter ever imports a driver to handle its failures.
     ├── EmbeddedServerError    an embedded nats-server or PostgreSQL failed to start
     ├── StoreUnavailable       the database cannot be reached now; retry later
     ├── AccessDenied           a server refused our credentials, or TLS failed; retrying cannot help
+    ├── StartupTimeout         a dependency stayed unreachable past --startup-timeout (exit 1)
     ├── BatchRefused           the database will never commit this batch as it is
     ├── InstanceExists         a create named an id that is taken
     ├── InvalidInput           the database refused a value of a create
@@ -34,6 +35,7 @@ __all__ = [
     "InstanceExists",
     "InvalidInput",
     "PublishError",
+    "StartupTimeout",
     "StoreUnavailable",
     "UsageError",
 ]
@@ -60,6 +62,11 @@ class AccessDenied(DcmstatusError):
     """A server refused the credentials we offered, or the TLS handshake
     failed (an untrusted certificate, a client certificate the server wants).
     Retrying with the same settings cannot help; the message says which to fix."""
+
+
+class StartupTimeout(DcmstatusError):
+    """PostgreSQL or NATS was still unreachable when the start-up deadline
+    (--startup-timeout) passed; the message names it and the last error."""
 
 
 class BatchRefused(DcmstatusError):

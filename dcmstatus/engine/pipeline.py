@@ -215,20 +215,23 @@ class Pipeline:
             if batch.rejections:
                 log.error("the database refuses the dead letter %r (%s); dropping it", batch.rejections[0], refusal)
                 return _NOTHING, []
-            return await self._dead_letter(store, batch.updates[0], refusal)
+            return await self._dead_letter(store, batch, refusal)
 
     async def _dead_letter(
-        self, store: Store, update: StatusUpdate, refusal: BatchRefused
+        self, store: Store, lone: WriteBatch, refusal: BatchRefused
     ) -> tuple[BatchResult, list[Rejection]]:
+        """Dead-letter the one update of `lone`, then apply the newest event
+        of its instance that it superseded in the batch, if any (which may be
+        refused in turn)."""
+        [update] = lone.updates
         # A refusal can be passing (a trigger that changes its mind): a few
         # spaced attempts before the event is given up.
         delay = self._settings.retry_initial
         for _ in range(self._settings.poison_attempts - 1):
             await trio.sleep(delay)
             delay = min(delay * 2, self._settings.retry_max)
-            single = WriteBatch(0, [update], [], [], 0)
             try:
-                return await self._apply(store, single), []
+                return await self._apply(store, lone), []
             except BatchRefused as again:
                 refusal = again
         poison = Rejection(
@@ -243,7 +246,12 @@ class Pipeline:
         )
         self._events.rejected(poison)
         await self._commit(store, WriteBatch.of_rejections(0, [poison]))
-        return _NOTHING, [poison]
+        fallback = lone.fallback(update)
+        if fallback is None:
+            return _NOTHING, [poison]
+        # Acked with the batch, the superseded events must not go unapplied.
+        result, dead = await self._commit(store, fallback)
+        return result, [poison, *dead]
 
     async def _apply(self, store: Store, batch: WriteBatch) -> BatchResult:
         """Apply until it commits or is refused: nothing is acked meanwhile, so nothing is lost."""

@@ -177,7 +177,7 @@ async def test_initial_connect_backs_off_exponentially_up_to_5s(monkeypatch, aut
         attempts.append(trio.current_time())
         if len(attempts) < 8:
             raise ConnectionRefusedError("nobody listens")
-        return SimpleNamespace(jetstream=lambda: "js")
+        return SimpleNamespace(jetstream=lambda: "js", options={})
 
     monkeypatch.setattr(nats_source, "open_connection", refusing_connect)
     monkeypatch.setattr(nats_source.trio_asyncio, "aio_as_trio", lambda f: f)

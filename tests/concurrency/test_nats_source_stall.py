@@ -42,6 +42,7 @@ class FakeServer:
         self.is_connected, self.is_closed, self.is_reconnecting = True, False, False
         self.connected_url = None
         self.max_payload = 1024 * 1024
+        self.options: dict = {}  # nats-py connect options (start-up sets max_reconnect_attempts)
         self.subs: dict[int, FakeSub] = {}  # the client's subscriptions, by sid
         self.interest: set[str] = set()  # inboxes the server delivers to
         self.waiting: list[list] = []  # [reply inbox, messages still owed] per pull request

@@ -36,10 +36,13 @@ def fake_decode(subject, headers, body, seq, time_ns):
 class FakeStore:
     """Commits after `delay`; fails the first `failures` attempts."""
 
-    def __init__(self, delay: float = 0.0, failures: int = 0, refuse: str | None = None) -> None:
+    def __init__(
+        self, delay: float = 0.0, failures: int = 0, refuse: str | None = None, refuse_status: str | None = None
+    ) -> None:
         self.delay = delay
         self.failures = failures
         self.refuse = refuse  # an instance id whose updates the "database" refuses
+        self.refuse_status = refuse_status  # a status value it refuses, whatever the instance
         self.attempts = 0
         self.committed: list[tuple[float, WriteBatch]] = []
         self.rows: dict[str, tuple[datetime, int, str]] = {}
@@ -50,7 +53,7 @@ class FakeStore:
         if self.failures > 0:
             self.failures -= 1
             raise ConnectionError("database went away")
-        if any(u.instance_id == self.refuse for u in batch.updates):
+        if any(u.instance_id == self.refuse or u.status == self.refuse_status for u in batch.updates):
             raise BatchRefused("trigger says no")
         applied = 0
         for u in batch.updates:
@@ -334,3 +337,43 @@ async def test_transient_errors_never_dead_letter(autojump_clock):
         await send.aclose()
     assert store.rows["a"][2] == "RUNNING"
     assert not [r for _, b in store.committed for r in b.rejections]
+
+
+async def test_a_refused_newest_event_falls_back_to_the_newest_valid_one_of_its_batch(autojump_clock):
+    """The events a refused (poison) event superseded in its batch are acked
+    with it: the newest of them must be applied, not silently dropped."""
+    store = FakeStore(refuse_status="POISON")
+    settings = PipelineSettings(max_batch=100, max_delay=0.1, writers=1, retry_initial=0.1, poison_attempts=2)
+    pipeline, source, send, receive = make(settings, [store])
+    bodies = [b"a:PROVISIONING:1", b"a:POISON:9", b"a:RUNNING:5", b"b:RUNNING:2", b"a:STOPPED:3"]
+    for seq, body in enumerate(bodies, start=1):
+        send.send_nowait(delivery(seq, body))  # one burst: one batch
+    await send.aclose()
+    await pipeline.run(receive)
+    assert store.rows["a"][1:] == (3, "RUNNING"), "the newest valid event of a was not applied"
+    assert store.rows["b"][2] == "RUNNING"
+    [dead] = [r for _, b in store.committed for r in b.rejections]
+    assert (dead.reason, dead.instance_id, dead.stream_seq) == ("invalid_data", "a", 2)
+    assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 6))
+    # Each message counted once: 2 applied, 2 superseded (no-op), 1 rejected.
+    registry = pipeline._metrics.registry
+    assert registry.get_sample_value("dcmstatus_events_applied_total") == 2
+    assert registry.get_sample_value("dcmstatus_events_noop_total") == 2
+    assert registry.get_sample_value("dcmstatus_events_rejected_total", {"reason": "invalid_data"}) == 1
+
+
+async def test_the_fallback_is_refused_too_then_the_next_older_one_applies(autojump_clock):
+    store = FakeStore(refuse_status="POISON")
+    settings = PipelineSettings(max_batch=100, max_delay=0.1, writers=1, retry_initial=0.1, poison_attempts=1)
+    pipeline, source, send, receive = make(settings, [store])
+    for seq, body in enumerate([b"a:RUNNING:1", b"a:POISON:3", b"a:POISON:2"], start=1):
+        send.send_nowait(delivery(seq, body))
+    await send.aclose()
+    await pipeline.run(receive)
+    assert store.rows["a"][1:] == (1, "RUNNING")
+    dead = sorted(r.stream_seq for _, b in store.committed for r in b.rejections)
+    assert dead == [2, 3]
+    assert sorted(source.acked_tokens()) == ["ack-1", "ack-2", "ack-3"]
+    registry = pipeline._metrics.registry
+    assert registry.get_sample_value("dcmstatus_events_applied_total") == 1
+    assert registry.get_sample_value("dcmstatus_events_noop_total") == 0

@@ -140,7 +140,7 @@ def _server_info(client: Any) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-async def open_connection(url: str, security: NatsSecurity, **options: Any) -> Any:
+async def open_connection(url: str | list[str], security: NatsSecurity, **options: Any) -> Any:
     """nats-py's connect() with `security` applied; the connected client.
 
     Raises AccessDenied when the server refuses us. Other failures are
@@ -171,6 +171,7 @@ async def open_connection(url: str, security: NatsSecurity, **options: Any) -> A
         if transport is not None:
             with contextlib.suppress(Exception):
                 transport.close()
-        raise _explain(refused.cause, _server_info(client), url, security) from None
+        shown = url if isinstance(url, str) else ",".join(url)
+        raise _explain(refused.cause, _server_info(client), shown, security) from None
     connected = True
     return client

@@ -42,6 +42,7 @@ from dcmstatus.core.model import Delivery
 from dcmstatus.core.redaction import redact_url
 from dcmstatus.core.stall import StallWatch, Verdict
 from dcmstatus.engine.metrics import Metrics
+from dcmstatus.engine.startup import Startup
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,13 @@ class NatsSettings(msgspec.Struct, frozen=True):
 
 
 class JetStreamSource:
-    def __init__(self, settings: NatsSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: NatsSettings, metrics: Metrics, startup: Startup | None = None) -> None:
         if settings.max_in_flight > settings.max_ack_pending:
             raise ValueError("max_in_flight must not exceed max_ack_pending")
         self.settings = settings
         self._metrics = metrics
+        # The supervisor's start-up policy; alone, the source waits for NATS forever.
+        self._startup = startup or Startup(0)
         self._nc: nats.NATS | None = None
         self._js = None
         self._sub = None
@@ -92,6 +95,7 @@ class JetStreamSource:
         self._request_bytes = 0  # set once connected (needs the server's max_payload)
         self._intake_closed = False
         self._backlog = 0  # messages the server has not yet delivered to the consumer, last we asked
+        self._connect_error: Exception | None = None
         self.consumer_ok = False
         self._watch = StallWatch(settings.stall_timeout)
 
@@ -183,6 +187,11 @@ class JetStreamSource:
         return {"nats": connection, "consumer": consumer}
 
     @property
+    def unacknowledged(self) -> int:
+        """Messages received and not (yet) acknowledged."""
+        return self._in_flight
+
+    @property
     def healthy(self) -> bool:
         h = self.health()
         return h["nats"] == "connected" and h["consumer"] == "subscribed"
@@ -219,33 +228,39 @@ class JetStreamSource:
             log.info("intake is moving again")
 
     async def _connect(self) -> None:
-        """Connect, retrying while the server is away; AccessDenied (credentials
-        or TLS refused) ends the service with a message saying what to fix."""
-        delay = 0.5
+        """Connect under the start-up policy (retry with capped back-off until
+        --startup-timeout); AccessDenied (credentials or TLS refused) ends the
+        service with a message saying what to fix."""
         where = redact_url(self.settings.url)
+        tries = self._startup.dependency("NATS", at=",".join(map(_shown, self.settings.url.split(","))))
         while True:
             try:
                 self._nc = await trio_asyncio.aio_as_trio(open_connection)(
-                    self.settings.url,
+                    nats_servers(self.settings.url),
                     self.settings.security,
                     name="dcmstatus",
                     allow_reconnect=True,
-                    max_reconnect_attempts=-1,  # the default gives up after ~2 minutes
+                    # One try of the start-up policy: each server twice, then
+                    # connect() raises. Once connected: -1, reconnect forever
+                    # (the default gives up after ~2 minutes).
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
                 )
+                self._nc.options["max_reconnect_attempts"] = -1  # read by nats-py at each reconnect
                 self._js = self._nc.jetstream()
                 log.info("connected to NATS at %s", where)
+                tries.reached()
                 return
             except AccessDenied:
                 raise
             except Exception as exc:
-                log.warning("cannot reach NATS at %s (%s); retrying in %.1fs", where, exc, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                # nats-py's "no servers available" hides why: its last error says it.
+                reason, self._connect_error = self._connect_error or exc, None
+                await tries.failed(reason)  # waits for the next try, or gives up
 
     # ---- asyncio side ----------------------------------------------------
 
@@ -536,6 +551,9 @@ class JetStreamSource:
         await self._subscribe()
 
     async def _on_error(self, exc: Exception) -> None:
+        if self._nc is None:  # a failed first connect: the start-up policy logs each try
+            self._connect_error = exc
+            return
         log.warning("NATS error: %s", exc)
 
     async def _on_disconnected(self) -> None:
@@ -553,6 +571,35 @@ class JetStreamSource:
         # credit they hold waits (at most pull_expires + 1 s). Messages
         # delivered but not acked keep their credit too.
         await self._refill()
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of a --nats-url (one, or several separated by commas),
+    as nats-py takes them; ValueError saying what is wrong with one nats-py
+    would refuse (so start-up never retries a malformed URL)."""
+    from nats.aio.client import Client
+
+    servers = [entry.strip() for entry in url.split(",")]
+    for entry in servers:
+        if not entry:
+            raise ValueError("an empty server entry")
+        scheme, sep, _ = entry.partition("://")
+        if sep and scheme.lower() not in ("nats", "tls", "ws", "wss"):
+            raise ValueError(f"{_shown(entry)!r} has the scheme {scheme!r}; use nats://, tls://, ws:// or wss://")
+        try:
+            Client._parse_server_uri(entry)  # nats-py's own parser: what connect() would refuse
+        except Exception as exc:
+            raise ValueError(f"{_shown(entry)!r}: {str(exc).removeprefix('nats: ')}") from None
+    websocket = [entry.lower().startswith(("ws://", "wss://")) for entry in servers]
+    if any(websocket) and not all(websocket):
+        raise ValueError("websocket (ws://, wss://) and other URLs cannot be mixed")
+    return servers
+
+
+def _shown(entry: str) -> str:
+    """A server entry fit for an error message: a token or password hidden."""
+    head, at, host = entry.rpartition("@")
+    return f"{head.partition('://')[0]}://***@{host}" if at and "://" in head else ("***@" + host if at else entry)
 
 
 def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:

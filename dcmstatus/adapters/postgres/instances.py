@@ -174,15 +174,18 @@ class InstanceStore:
         self._metrics = metrics
         self._limiter = trio.CapacityLimiter(pool.max_size)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
+    async def _run(self, fn: Any, *args: Any, abandon_on_cancel: bool = False) -> Any:
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=abandon_on_cancel)
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"the database is unavailable: {_first_line(exc)}") from exc
 
     async def ping(self) -> None:
-        """Raise (StoreUnavailable, mostly) unless the database answers."""
-        await self._run(self._ping)
+        """Raise (StoreUnavailable, mostly) unless the database answers.
+        Cancellable at once (the health check's deadline holds against a
+        database that never answers): the abandoned thread ends, and frees its
+        limiter slot, when libpq does."""
+        await self._run(self._ping, abandon_on_cancel=True)
 
     async def create(
         self,

@@ -27,7 +27,8 @@ def migration_files() -> list[tuple[str, str]]:
 def migrate(conninfo: str) -> list[str]:
     """Apply the missing migrations; return the versions applied now."""
     applied_now: list[str] = []
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    # connect_timeout: an unreachable server is an error to retry, not a hang.
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             conn.execute(

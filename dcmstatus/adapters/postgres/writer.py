@@ -6,12 +6,15 @@ safe to ack.
 psycopg runs synchronously in a worker thread: as fast as the async driver
 under trio-asyncio, and simpler to cancel (docs/performance.md#why-it-is-fast).
 Each writer owns one `StatusStore` and so one connection; a broken connection
-is dropped and re-opened on the next attempt.
+is dropped and re-opened on the next attempt. A connection is closed only by
+the thread that uses it (see `StatusStore.close`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -22,7 +25,7 @@ import psycopg.errors
 import trio
 
 from dcmstatus.core.batching import WriteBatch
-from dcmstatus.core.errors import BatchRefused
+from dcmstatus.core.errors import BatchRefused, StoreUnavailable
 from dcmstatus.core.model import BatchResult, StatusUpdate
 
 log = logging.getLogger(__name__)
@@ -200,6 +203,10 @@ class StatusStore:
         self._parked_ttl = parked_ttl
         self._parked_limit = parked_limit
         self._conn: psycopg.Connection | None = None
+        # Held by the thread running statements on the connection: libpq
+        # must not have the connection closed under a running statement.
+        self._in_use = threading.Lock()
+        self._closing = False
 
     async def apply(self, batch: WriteBatch) -> BatchResult:
         # abandon_on_cancel: if the grace period ends mid-commit we walk away;
@@ -210,6 +217,16 @@ class StatusStore:
         )
 
     def apply_sync(self, batch: WriteBatch) -> BatchResult:
+        with self._in_use:
+            if self._closing:
+                raise StoreUnavailable("the status writer is closed")
+            try:
+                return self._apply_sync(batch)
+            finally:
+                if self._closing:  # close() came while the statement ran: ours to close
+                    self._close_connection()
+
+    def _apply_sync(self, batch: WriteBatch) -> BatchResult:
         conn = self._connection()
         try:
             with conn.transaction():
@@ -227,10 +244,30 @@ class StatusStore:
             raise
         return result
 
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def close(self, cancel_timeout: float = 2.0) -> None:
+        """Close the connection; safe from any thread, and while a writer
+        thread abandoned at the grace deadline still runs a statement on it:
+        that statement is then cancelled (waiting at most `cancel_timeout`
+        for a server that may not answer) and its thread closes the
+        connection when the statement returns. Later applies are refused."""
+        self._closing = True
+        if self._in_use.acquire(blocking=False):
+            try:
+                self._close_connection()
+            finally:
+                self._in_use.release()
+            return
+        conn = self._conn
+        if conn is not None:
+            # cancel_safe may run beside the statement; errors mean there is
+            # nothing left to cancel, or no server to hear it.
+            with contextlib.suppress(psycopg.Error):
+                conn.cancel_safe(timeout=cancel_timeout)
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
