@@ -218,3 +218,26 @@ async def test_frames_without_an_ack_subject_are_counted_and_dropped(nats_url, f
             await source.stop_intake()
             await source.close()
             nursery.cancel_scope.cancel()
+
+
+async def test_acks_that_cannot_be_sent_are_counted_and_shown_in_health(nats_url, fast_path):
+    settings = NatsSettings(url=nats_url, fast_path=fast_path, max_in_flight=100, pull_batch=10)
+    metrics = Metrics()
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(asyncio_exception_handler)
+        source = JetStreamSource(settings, metrics)
+        send, receive = trio.open_memory_channel(float("inf"))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(source.run, send)
+            assert source.fast_path is fast_path
+            await trio_asyncio.aio_as_trio(publish)(nats_url, 3)
+            got = await receive_n(receive, 3)
+            await source.ack([got[0].token])
+            assert "acks" not in source.health()
+            await trio_asyncio.aio_as_trio(source._nc.close)()
+            await source.ack([d.token for d in got[1:]])
+            assert metrics.registry.get_sample_value("dcmstatus_ack_failures_total") == 2
+            assert source.health()["acks"] == "failing" and not source.healthy
+            await source.stop_intake()
+            await source.close()
+            nursery.cancel_scope.cancel()
