@@ -12,6 +12,11 @@ docs/performance.md), and one is unsafe:
   nothing it is given escapes into nats-py.
 - acking: publish() per ack costs about 20% (subject checks, three buffer
   appends); one raw ``PUB <reply> 4\\r\\n+ACK`` buffer write per batch does not.
+- parsing: nats-py's protocol parser splits a MSG line on any ASCII
+  whitespace, nats-server only on space and tab; a subject or reply with a
+  vertical tab or form feed (which the server accepts and stores) fails the
+  parser's pattern, and the connection is reset, again on every redelivery.
+  `widen_protocol_parser()` makes the parser split as the server does.
 
 `fast_path_problem()` checks that the internals are what this module was
 written against (names, signatures, attributes). When they are not, the
@@ -22,10 +27,13 @@ callback, and publish(reply, b"+ACK") per message.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-__all__ = ["fast_path_problem", "install_frame_hook", "send_acks"]
+import nats.protocol.parser
+
+__all__ = ["fast_path_problem", "install_frame_hook", "send_acks", "widen_protocol_parser"]
 
 # nats.aio.client.Client._process_msg, called by the protocol parser per frame.
 _PROCESS_MSG: Final = ["sid", "subject", "reply", "data", "headers"]
@@ -91,3 +99,31 @@ async def send_acks(nc: Any, tokens: list[str]) -> None:
     wait in the pending buffer, as publish() would leave them."""
     await nc._send_command(b"".join([b"PUB " + t.encode() + _ACK_TAIL for t in tokens]))
     await nc._flush_pending()
+
+
+# nats.protocol.parser's MSG and HMSG patterns as written against (\\s: any
+# ASCII whitespace), and the same split on space and tab only, as the server does.
+_NARROW: Final = {
+    "MSG_RE": b"\\AMSG\\s+([^\\s]+)\\s+([^\\s]+)\\s+(([^\\s]+)[^\\S\r\n]+)?(\\d+)\r\n",
+    "HMSG_RE": b"\\AHMSG\\s+([^\\s]+)\\s+([^\\s]+)\\s+(([^\\s]+)[^\\S\r\n]+)?([\\d]+)\\s+(\\d+)\r\n",
+}
+_ARG: Final = rb"([^ \t\r\n]+)"
+_WIDE: Final = {
+    "MSG_RE": re.compile(rb"\AMSG[ \t]+" + _ARG + rb"[ \t]+" + _ARG + rb"[ \t]+(" + _ARG + rb"[ \t]+)?(\d+)\r\n"),
+    "HMSG_RE": re.compile(
+        rb"\AHMSG[ \t]+" + _ARG + rb"[ \t]+" + _ARG + rb"[ \t]+(" + _ARG + rb"[ \t]+)?(\d+)[ \t]+(\d+)\r\n"
+    ),
+}
+
+
+def widen_protocol_parser() -> str | None:
+    """Make nats-py's parser split MSG/HMSG lines on space and tab only (for
+    every client of this process). Returns why it could not, or None."""
+    parser = nats.protocol.parser
+    for name, pattern in _NARROW.items():
+        current = getattr(parser, name, None)
+        if current is not _WIDE[name] and getattr(current, "pattern", None) != pattern:
+            return f"nats.protocol.parser.{name} is not the pattern expected"
+    for name, pattern in _WIDE.items():
+        setattr(parser, name, pattern)
+    return None

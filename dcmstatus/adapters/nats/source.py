@@ -329,6 +329,12 @@ class JetStreamSource:
         internals.install_frame_hook(self._nc, self._sub, self._on_frame, self._refill, self._on_hook_error)
         self._send_acks = internals.send_acks
         self.fast_path = True
+        problem = internals.widen_protocol_parser()
+        if problem is not None:
+            log.warning(
+                "%s; a subject with a vertical tab or form feed may reset the NATS connection (docs/operations.md)",
+                problem,
+            )
 
     def _on_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
         """One frame of our inbox, as bytes (the fast path). Returns whether
