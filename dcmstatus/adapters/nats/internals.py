@@ -124,6 +124,6 @@ def widen_protocol_parser() -> str | None:
         current = getattr(parser, name, None)
         if current is not _WIDE[name] and getattr(current, "pattern", None) != pattern:
             return f"nats.protocol.parser.{name} is not the pattern expected"
-    for name, pattern in _WIDE.items():
-        setattr(parser, name, pattern)
+    for name, wide in _WIDE.items():
+        setattr(parser, name, wide)
     return None

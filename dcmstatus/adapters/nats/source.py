@@ -29,9 +29,11 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import Any
 
 import msgspec
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 import trio
@@ -39,7 +41,7 @@ import trio_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from dcmstatus.adapters.nats import internals
-from dcmstatus.adapters.nats.frames import Frame, read_frame
+from dcmstatus.adapters.nats.frames import Frame, ack_position, read_frame
 from dcmstatus.core.model import Delivery
 from dcmstatus.engine.logs import EventLog
 from dcmstatus.engine.metrics import Metrics
@@ -296,11 +298,13 @@ class JetStreamSource:
                 self._on_status(headers)
                 return
             try:
-                self._accept(msg.subject, headers, msg.data, reply)
-            except Exception:
+                seq, ts = ack_position(reply)
+            except ValueError:
                 frame = read_frame(msg.subject.encode(), reply.encode(), None)
                 if not self._take(msgspec.structs.replace(frame, headers=headers), msg.data):
                     return
+            else:
+                self._deliver(Delivery(msg.subject, headers, msg.data, seq, ts, reply))
         except Exception as exc:
             self._on_hook_error(exc)
             return
@@ -340,27 +344,24 @@ class JetStreamSource:
         """One frame of our inbox, as bytes (the fast path). Returns whether
         a pull request may be due. Raises only on a bug (the hook catches it)."""
         if headers is None:
-            # The common frame, read inline; anything odd about it raises
-            # before it is delivered and it is read again, carefully.
+            # The common frame, read inline (frames.ack_position, inlined);
+            # anything odd about it raises, and it is read again, carefully.
             try:
-                self._accept(subject.decode(), None, data, reply.decode())
+                ack = reply.decode()
+                tokens = ack.split(".")
+                if len(tokens) == 9 and tokens[1] == "ACK" and tokens[0] == "$JS":
+                    seq, ts = int(tokens[5]), int(tokens[7])
+                elif len(tokens) >= 11 and tokens[1] == "ACK" and tokens[0] == "$JS":  # with domain and account hash
+                    seq, ts = int(tokens[7]), int(tokens[9])
+                else:
+                    raise ValueError(ack)
+                delivery = Delivery(subject.decode(), None, data, seq, ts, ack)
             except Exception:
                 pass
             else:
+                self._deliver(delivery)
                 return self._room_for_a_pull()
         return self._take(read_frame(subject, reply, headers), data) and self._room_for_a_pull()
-
-    def _accept(self, subject: str, headers: dict[str, str] | None, data: bytes, reply: str) -> None:
-        """A stream message; raises ValueError, delivering nothing, when the
-        reply is not a JetStream ack subject (frames.ack_position, inlined)."""
-        tokens = reply.split(".")
-        if len(tokens) == 9 and tokens[1] == "ACK" and tokens[0] == "$JS":
-            seq, ts = int(tokens[5]), int(tokens[7])
-        elif len(tokens) >= 11 and tokens[1] == "ACK" and tokens[0] == "$JS":  # with domain and account hash
-            seq, ts = int(tokens[7]), int(tokens[9])
-        else:
-            raise ValueError("not a JetStream ack subject")
-        self._deliver(Delivery(subject, headers, data, seq, ts, reply))
 
     def _take(self, frame: Frame, data: bytes) -> bool:
         """A frame read carefully: a pull status, a delivery (maybe unreadable),
@@ -501,7 +502,7 @@ class JetStreamSource:
         await self._refill()
 
 
-async def _publish_acks(nc: nats.NATS, tokens: list[str]) -> None:
+async def _publish_acks(nc: Any, tokens: list[str]) -> None:
     """Acks through the public API (the fallback of internals.send_acks)."""
     for token in tokens:
         await nc.publish(token, b"+ACK")
