@@ -76,25 +76,25 @@ def read_headers(block: bytes) -> tuple[str | None, str, dict[str, str]]:
     MAX_HEADER_BYTES bytes. A repeated name keeps its last value (as nats-py).
     """
     if len(block) > MAX_HEADER_BYTES:
-        raise ValueError(f"the header block is {len(block)} bytes, more than {MAX_HEADER_BYTES}")
-    lines = block.count(_CRLF) - 2  # less the version line and the final empty line
-    if lines > MAX_HEADERS:
-        raise ValueError(f"the header block has {lines} lines, more than {MAX_HEADERS} headers")
+        raise ValueError(f"{len(block)} bytes, more than {MAX_HEADER_BYTES}")
+    count = block.count(_CRLF) - 2  # less the version line and the final empty line
+    if count > MAX_HEADERS:
+        raise ValueError(f"{count} lines, more than {MAX_HEADERS} headers")
     first, sep, rest = block.partition(_CRLF)
     if not first.startswith(_VERSION) or not sep:
-        raise ValueError(f"the header block does not start with a NATS/1.0 line: {block[:24]!r}")
+        raise ValueError(f"it does not start with a NATS/1.0 line: {block[:24]!r}")
     status, description = None, ""
     tail = first[len(_VERSION) :]
     if tail:
         code, _, text = tail[1:].partition(b" ")
         if tail[:1] != b" " or len(code) != 3 or not code.isdigit():
-            raise ValueError(f"the first header line is not NATS/1.0 with a status: {first[:24]!r}")
+            raise ValueError(f"its first line is not NATS/1.0 with a status: {first[:24]!r}")
         status, description = code.decode(), text.strip().decode("utf-8", "replace")
-    lines_ = rest.split(_CRLF)
-    if len(lines_) < 2 or lines_[-1] or lines_[-2]:
-        raise ValueError("the header block does not end with an empty line")
+    lines = rest.split(_CRLF)
+    if len(lines) < 2 or lines[-1] or lines[-2]:
+        raise ValueError("it does not end with an empty line")
     headers: dict[str, str] = {}
-    for number, line in enumerate(lines_[:-2], 2):
+    for number, line in enumerate(lines[:-2], 2):
         raw_name, colon, raw_value = line.partition(b":")
         if not colon:
             raise ValueError(f"header line {number} has no ':': {line[:40]!r}")
