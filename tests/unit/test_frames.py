@@ -357,3 +357,41 @@ def test_the_inline_path_and_the_careful_reader_agree(subject, reply):
             assert frame.problem is not None
 
     trio.run(run)
+
+
+async def test_dropped_frames_are_logged_rate_limited_and_summarised_at_close(caplog):
+    source, nc, _ = hooked_source()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(50):
+            await nc._process_msg(SID, b"_INBOX.x", b"", b"", None)
+        nc.is_closed = True
+        await source.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert dropped(source) == 50
+    assert sum("dropped a frame" in line for line in lines) == 5
+    assert any("suppressed 45 event lines" in line and "dropped_frame=45" in line for line in lines), lines
+
+
+async def test_the_widened_parser_splits_msg_lines_as_the_server_does(monkeypatch):
+    """nats-server splits on space and tab only and stores a subject with a
+    vertical tab; nats-py's pattern (any whitespace) failed on it and reset
+    the connection, on every redelivery."""
+    import re
+
+    import nats.protocol.parser as parser
+
+    monkeypatch.setattr(parser, "MSG_RE", parser.MSG_RE)  # undone after the test
+    monkeypatch.setattr(parser, "HMSG_RE", parser.HMSG_RE)
+    assert internals.widen_protocol_parser() is None
+    assert internals.widen_protocol_parser() is None, "not idempotent"
+    seen = []
+
+    class Client:
+        async def _process_msg(self, sid, subject, reply, data, headers):
+            seen.append((sid, subject, reply, data, headers))
+
+    p = parser.Parser(Client())
+    await p.parse(b"MSG dcm.a\x0bb 7 " + ACK + b" 2\r\nok\r\nHMSG dcm.\x0c 7 _R 12 14\r\nNATS/1.0\r\n\r\nok\r\n")
+    assert seen == [(7, b"dcm.a\x0bb", ACK, b"ok", None), (7, b"dcm.\x0c", b"_R", b"ok", b"NATS/1.0\r\n\r\n")]
+    monkeypatch.setattr(parser, "MSG_RE", re.compile(rb"\AMSG (other)"))
+    assert "MSG_RE is not the pattern expected" in internals.widen_protocol_parser()

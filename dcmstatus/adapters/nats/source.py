@@ -147,6 +147,7 @@ class JetStreamSource:
 
     async def close(self) -> None:
         """Push out the last acks, then close the connection."""
+        self._events.flush()  # the summary of suppressed lines about dropped frames, if any
         if self._nc is None or self._nc.is_closed:
             return
         try:
