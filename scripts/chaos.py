@@ -400,6 +400,37 @@ async def publish_core(url: str, events: list[Event], *, flush_every: int = 2000
         await nc.close()
 
 
+def pub_frame(subject: bytes, body: bytes) -> bytes:
+    """A core-NATS PUB protocol line with its payload, built by hand."""
+    return b"PUB " + subject + b" %d\r\n" % len(body) + body + b"\r\n"
+
+
+def hpub_frame(subject: bytes, header_block: bytes, body: bytes) -> bytes:
+    """An HPUB (headers) protocol line with its payload, built by hand: the
+    header block goes out as given, however broken."""
+    sizes = b" %d %d\r\n" % (len(header_block), len(header_block) + len(body))
+    return b"HPUB " + subject + sizes + header_block + body + b"\r\n"
+
+
+def publish_frames(url: str, frames: list[bytes], *, chunk: int = 1000) -> None:
+    """Write hand-made protocol frames to nats-server over a raw TCP socket:
+    what no client library sends (subjects that are not UTF-8, broken header
+    blocks). Returns once the server answered a PING after them all."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()  # INFO
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n')
+        for start in range(0, len(frames), chunk):
+            sock.sendall(b"".join(frames[start : start + chunk]) + b"PING\r\n")
+            while not (line := reader.readline()).startswith(b"PONG"):
+                if not line or line.startswith(b"-ERR"):
+                    raise AssertionError(f"nats-server refused a frame: {line!r}")
+
+
 async def _ignore(exc: Exception) -> None:
     pass
 

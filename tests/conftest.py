@@ -12,6 +12,7 @@ import trio_asyncio  # noqa: F401  # isort: skip  # first: it patches asyncio be
 # - `nats_server` / `pg_server`: fresh embedded servers the test controls
 #   (restart, kill). `pg_server` runs with fsync off unless the test asks:
 #   `@pytest.mark.parametrize("pg_server", [{"fsync": True}], indirect=True)`.
+# - `fast_path`: True and False, for NatsSettings.fast_path (both consume paths).
 # - `asyncio_loop`: a trio-asyncio loop for async tests that call asyncio
 #   code (nats-py); pytest-trio cannot open one by itself.
 #
@@ -173,6 +174,13 @@ def nats_server(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(params=[True, False], ids=["fast-path", "public-api"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Run a NATS adapter test on both consume paths: nats-py internals
+    (adapters/nats/internals.py) and the public-API fallback."""
+    return request.param
 
 
 # ------------------------------------------------------------------- asyncio

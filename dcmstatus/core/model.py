@@ -49,6 +49,10 @@ class Delivery(msgspec.Struct, gc=False):
     stream_seq: int
     stream_time_ns: int
     token: Any  # what the source needs to ack it (the JetStream reply subject)
+    # Set by the source for a frame it could read only in part (a subject
+    # that is not UTF-8, a broken header block, …): the sentence saying so.
+    # Such a delivery is not decoded; it is rejected as invalid_envelope.
+    unreadable: str | None = None
 
 
 class StatusUpdate(msgspec.Struct, frozen=True, gc=False):

@@ -39,6 +39,7 @@ __all__ = ["LOG_FORMATS", "EventLog", "JsonFormatter", "setup_logging"]
 LOG_FORMATS: Final = ("text", "json")
 UNKNOWN_INSTANCE: Final = "unknown_instance"  # the EventLog key for unknown-instance no-ops
 CLOCK_SKEW: Final = "clock_skew"  # the EventLog key for event times replaced by the stream time
+DROPPED_FRAME: Final = "dropped_frame"  # the EventLog key for frames that cannot be acknowledged
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 # Attributes every LogRecord has; anything else on a record came from `extra`.
@@ -179,6 +180,18 @@ class EventLog:
                 "claimed_time": claimed,
                 "stream_time": stream,
             },
+        )
+
+    def frame_dropped(self, subject: str, detail: str) -> None:
+        """A frame the source can neither deliver nor acknowledge (WARNING)."""
+        if not self._admit(DROPPED_FRAME):
+            return
+        self._log.warning(
+            "dropped a frame that cannot be acknowledged: reason=%s subject=%s: %s",
+            DROPPED_FRAME,
+            subject,
+            detail,
+            extra={"reason": DROPPED_FRAME, "subject": subject},
         )
 
     def unknown_instances(self, batch: WriteBatch[Any], unknown_ids: Iterable[str]) -> None:

@@ -149,6 +149,16 @@ class Metrics:
         self.db_errors = Counter(
             "dcmstatus_db_errors_total", "Failed batch transactions (retried)", registry=r
         )
+        self.ack_failures = Counter(
+            "dcmstatus_ack_failures_total",
+            "Messages whose ack could not be sent to NATS (redelivered after ack_wait)",
+            registry=r,
+        )
+        self.frames_dropped = Counter(
+            "dcmstatus_frames_dropped_total",
+            "Frames on the consumer's inbox with no JetStream ack subject (not a stream message): dropped",
+            registry=r,
+        )
         self.nats_reconnects = Counter(
             "dcmstatus_nats_reconnects_total", "Reconnections to the NATS server", registry=r
         )

@@ -31,6 +31,7 @@ from dcmstatus.core.errors import BatchRefused
 from dcmstatus.core.model import (
     DEAD_LETTER_BODY_BYTES,
     INVALID_DATA,
+    INVALID_ENVELOPE,
     BatchResult,
     Decision,
     Delivery,
@@ -143,7 +144,10 @@ class Pipeline:
                         self._metrics.events_received.inc(len(burst))
                         skewed = 0
                         for d in burst:
-                            decision = decode(d.subject, d.headers, d.body, d.stream_seq, d.stream_time_ns)
+                            if d.unreadable is None:
+                                decision = decode(d.subject, d.headers, d.body, d.stream_seq, d.stream_time_ns)
+                            else:
+                                decision = _unreadable(d)
                             if type(decision) is not StatusUpdate:
                                 self._events.rejected(decision)  # type: ignore[arg-type]
                             elif decision.claimed_time is not None:
@@ -278,6 +282,14 @@ class Pipeline:
 
 _NOTHING = BatchResult(0, 0, ())
 _encode_json = msgspec.json.Encoder().encode
+
+
+def _unreadable(d: Delivery) -> Rejection:
+    """A frame the source could not read as a message: recorded, never decoded."""
+    return Rejection(
+        INVALID_ENVELOPE, f"unreadable frame: {d.unreadable}", d.subject, d.stream_seq, d.headers,
+        bytes(d.body[:DEAD_LETTER_BODY_BYTES]),
+    )
 
 
 def _hand_to_idle_writers(builder: BatchBuilder[Any], batch_channels: list[trio.MemorySendChannel[WriteBatch]]) -> None:

@@ -286,3 +286,29 @@ async def test_requests_a_restarted_server_lost_are_replaced_once_expired(monkey
     now[0] = 1000.0 + source.settings.pull_expires + 1.5  # the old requests have expired on any server
     await source._refill()
     assert len(nc.pulls) == 20 and source._requested == 1000
+
+
+async def test_failing_ack_sends_are_counted_and_reported_until_one_succeeds():
+    """A persistent ack failure is an endless redelivery: it must show."""
+    source, nc, receive = make_source(max_in_flight=1000, pull_batch=100)
+    source._sub, source.consumer_ok = object(), True
+    for seq in range(1, 4):
+        await source._on_message(message(seq))
+    tokens = [receive.receive_nowait().token for _ in range(3)]
+    assert source.healthy and "acks" not in source.health()
+
+    async def refused(subject, body=b"", reply="", headers=None):
+        if body == b"+ACK":
+            raise nats_source.nats.errors.OutboundBufferLimitError
+        await FakeNC.publish(nc, subject, body, reply, headers)
+
+    nc.publish = refused
+    await source._ack_and_refill(tokens[:2])
+    failures = source._metrics.registry.get_sample_value("dcmstatus_ack_failures_total")
+    assert failures == 2
+    assert source.health()["acks"] == "failing" and not source.healthy
+    assert source._in_flight == 1, "credit of unacked messages is given back (they are redelivered)"
+    del nc.publish
+    await source._ack_and_refill(tokens[2:])
+    assert nc.acks == tokens[2:]
+    assert "acks" not in source.health() and source.healthy

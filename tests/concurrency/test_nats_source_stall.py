@@ -44,6 +44,7 @@ class FakeServer:
         self.max_payload = 1024 * 1024
         self.options: dict = {}  # nats-py connect options (start-up sets max_reconnect_attempts)
         self.subs: dict[int, FakeSub] = {}  # the client's subscriptions, by sid
+        self._subs = self.subs  # where nats-py keeps them (the fast path checks it)
         self.interest: set[str] = set()  # inboxes the server delivers to
         self.waiting: list[list] = []  # [reply inbox, messages still owed] per pull request
         self.stream: list[int] = []  # sequences not yet delivered

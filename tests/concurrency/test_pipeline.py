@@ -377,3 +377,31 @@ async def test_the_fallback_is_refused_too_then_the_next_older_one_applies(autoj
     registry = pipeline._metrics.registry
     assert registry.get_sample_value("dcmstatus_events_applied_total") == 1
     assert registry.get_sample_value("dcmstatus_events_noop_total") == 0
+
+
+async def test_unreadable_deliveries_are_rejected_undecoded_and_acked_after_the_commit(autojump_clock):
+    """A frame the source could only partly read is recorded as rejected
+    (invalid_envelope) and acked like any other message, never decoded: its
+    body would decode as a valid update here."""
+    store = FakeStore()
+    acked = []
+
+    class Source:
+        async def ack(self, tokens):
+            assert store.committed, "acked before the commit"
+            acked.extend(tokens)
+
+    metrics = Metrics()
+    pipeline = Pipeline(fake_decode, Source(), [store], metrics, PipelineSettings(max_batch=10, writers=1))
+    send, receive = trio.open_memory_channel[Delivery](float("inf"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        send.send_nowait(Delivery("dcm.vm\\xff", None, b"i1:RUNNING:1", 1, 0, "ack-1", "the subject is not UTF-8"))
+        send.send_nowait(delivery(2, b"i2:RUNNING:1"))
+        await send.aclose()
+    [rejection] = [r for _, b in store.committed for r in b.rejections]
+    assert (rejection.reason, rejection.subject, rejection.stream_seq) == ("invalid_envelope", "dcm.vm\\xff", 1)
+    assert rejection.detail == "unreadable frame: the subject is not UTF-8" and rejection.body == b"i1:RUNNING:1"
+    assert set(store.rows) == {"i2"}
+    assert sorted(acked) == ["ack-1", "ack-2"]
+    assert metrics.registry.get_sample_value("dcmstatus_events_rejected_total", {"reason": "invalid_envelope"}) == 1

@@ -32,9 +32,9 @@ def gauges(metrics: Metrics) -> tuple[float, float, float]:
     )
 
 
-async def test_consumer_check_records_pending_ack_pending_and_redelivered(nats_url):
+async def test_consumer_check_records_pending_ack_pending_and_redelivered(nats_url, fast_path):
     # check_interval is long: the test runs the check itself, when it wants.
-    settings = NatsSettings(url=nats_url, max_in_flight=50, max_ack_pending=100, pull_batch=10, check_interval=3600)
+    settings = NatsSettings(url=nats_url, fast_path=fast_path, max_in_flight=50, max_ack_pending=100, pull_batch=10, check_interval=3600)
     metrics = Metrics()
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(asyncio_exception_handler)
@@ -42,6 +42,7 @@ async def test_consumer_check_records_pending_ack_pending_and_redelivered(nats_u
         send, receive = trio.open_memory_channel(float("inf"))
         async with trio.open_nursery() as nursery:
             await nursery.start(source.run, send)
+            assert source.fast_path is fast_path
             assert gauges(metrics) == (0, 0, 0)
             await trio_asyncio.aio_as_trio(publish)(nats_url, 200)
             got = await receive_n(receive, 50)  # the credit: no more until acks
@@ -52,6 +53,9 @@ async def test_consumer_check_records_pending_ack_pending_and_redelivered(nats_u
             # Five refused (NAK): the server redelivers them first once credit frees up.
             for d in got[:5]:
                 await trio_asyncio.aio_as_trio(source._nc.publish)(d.token, b"-NAK")
+            # The server queues acks and pull requests apart: a round trip
+            # first, or the next pull can overtake the NAKs.
+            await trio_asyncio.aio_as_trio(source._nc.flush)()
             await source.ack([d.token for d in got[5:15]])
             again = await receive_n(receive, 10)
             assert [d.stream_seq for d in again[:5]] == [1, 2, 3, 4, 5]

@@ -18,35 +18,44 @@ Nothing reports a consumer deleted behind our back, so a ticker checks
 stopped delivering either, so the same ticker feeds a stall watch
 (`dcmstatus.core.stall`): health says `stalled`, and a stall on the delivery
 side starts intake afresh on a new inbox (docs/reliability.md).
+
+Every frame the server delivers ends as a delivery (maybe marked unreadable,
+which the pipeline rejects before the ack), a pull status, or a counted drop
+(no ack subject); none raises into nats-py (frames.py). The nats-py private
+API this needs lives in internals.py; when that is not what it expects, the
+public API is used instead (`NatsSettings.fast_path` turns it off too).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections import deque
+from typing import Any
 
 import msgspec
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 import trio
 import trio_asyncio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
+from dcmstatus.adapters.nats import internals
 from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
+from dcmstatus.adapters.nats.frames import Frame, ack_position, read_frame
 from dcmstatus.core.errors import AccessDenied
 from dcmstatus.core.model import Delivery
 from dcmstatus.core.redaction import redact_url
 from dcmstatus.core.stall import StallWatch, Verdict
+from dcmstatus.engine.logs import EventLog
 from dcmstatus.engine.metrics import Metrics
 from dcmstatus.engine.startup import Startup
 
 log = logging.getLogger(__name__)
 
-_ACK_TAIL = b" 4\r\n+ACK\r\n"  # the rest of "PUB <reply> 4\r\n+ACK\r\n"
 _encode_json = msgspec.json.Encoder().encode
 _MAX_REQUESTS = 16  # pull requests outstanding at once
 
@@ -66,6 +75,7 @@ class NatsSettings(msgspec.Struct, frozen=True):
     check_interval: float = 5.0  # consumer existence check
     stall_timeout: float = 30.0  # work waiting and nothing received or acked this long: stalled
     security: NatsSecurity = msgspec.field(default_factory=NatsSecurity)  # credentials and TLS
+    fast_path: bool = True  # nats-py internals (internals.py) when they check out; False: public API only
 
 
 class JetStreamSource:
@@ -98,6 +108,10 @@ class JetStreamSource:
         self._connect_error: Exception | None = None
         self.consumer_ok = False
         self._watch = StallWatch(settings.stall_timeout)
+        self.fast_path = False  # true once the frame hook is installed
+        self._send_acks = _publish_acks  # internals.send_acks with the fast path
+        self.acks_failing = False  # the most recent ack send failed
+        self._events = EventLog(log)  # rate-limited lines about dropped frames
 
     # ---- trio side -------------------------------------------------------
 
@@ -152,6 +166,7 @@ class JetStreamSource:
 
     async def close(self) -> None:
         """Push out the last acks, then close the connection."""
+        self._events.flush()  # the summary of suppressed lines about dropped frames, if any
         if self._nc is None or self._nc.is_closed:
             return
         try:
@@ -184,7 +199,10 @@ class JetStreamSource:
             consumer = "stalled"
         else:
             consumer = "subscribed"
-        return {"nats": connection, "consumer": consumer}
+        components = {"nats": connection, "consumer": consumer}
+        if self.acks_failing:
+            components["acks"] = "failing"
+        return components
 
     @property
     def unacknowledged(self) -> int:
@@ -194,7 +212,7 @@ class JetStreamSource:
     @property
     def healthy(self) -> bool:
         h = self.health()
-        return h["nats"] == "connected" and h["consumer"] == "subscribed"
+        return h["nats"] == "connected" and h["consumer"] == "subscribed" and "acks" not in h
 
     async def _watch_intake(self) -> None:
         """One look of the stall watch; subscribe afresh when it says so."""
@@ -377,65 +395,106 @@ class JetStreamSource:
         await self._refill()
 
     async def _on_message(self, msg) -> None:
-        """nats-py's subscription callback: status messages, and messages with headers."""
-        headers = msg.headers
-        if headers and "Status" in headers:
-            self._on_status(headers)
+        """nats-py's subscription callback: every frame when the fast path is off.
+
+        nats-py has decoded and parsed the frame already (a frame it cannot
+        decode never gets here: its reader stops on it, see internals.py).
+        """
+        try:
+            headers, reply = msg.headers, msg.reply
+            if not reply and headers and "Status" in headers:
+                self._on_status(headers)
+                return
+            try:
+                seq, ts = ack_position(reply)
+            except ValueError:
+                frame = read_frame(msg.subject.encode(), reply.encode(), None)
+                if not self._take(msgspec.structs.replace(frame, headers=headers), msg.data):
+                    return
+            else:
+                self._deliver(Delivery(msg.subject, headers, msg.data, seq, ts, reply))
+        except Exception as exc:
+            self._on_hook_error(exc)
             return
-        self._accept(msg.subject, headers, msg.data, msg.reply)
         if self._room_for_a_pull():
             await self._refill()
 
     def _install_fast_path(self) -> None:
-        """Take header-less messages for our inbox straight from nats-py's parser.
+        """Take the frames of our inbox straight from nats-py's parser (internals.py).
 
         The subscription path builds a Msg, parses headers, and passes each
         message through an asyncio.Queue and a task switch before our
-        callback: about a quarter of the consume path (profiled). Every
-        known provider publishes without headers. Messages with headers
-        (status replies, binary-mode CloudEvents) keep the normal path. The
-        hook uses nats-py's internal `_process_msg(sid, subject, reply, data,
-        headers)`; if that signature ever changes, the hook is not installed.
+        callback: about a quarter of the consume path (profiled). It also
+        stops nats-py's reader on a frame it cannot decode.
         """
-        nc = self._nc
-        original = nc._process_msg
-        try:
-            params = list(inspect.signature(original).parameters)
-        except (TypeError, ValueError):
-            params = []
-        if params != ["sid", "subject", "reply", "data", "headers"]:
-            log.info("nats-py internals changed; consuming through the subscription callback only")
+        if not self.settings.fast_path:
+            log.info("NATS fast path turned off: consuming through nats-py's public API")
             return
-        sid = self._sub._id
-        accept = self._accept
-        room_for_a_pull = self._room_for_a_pull
+        problem = internals.fast_path_problem(self._nc, self._sub)
+        if problem is not None:
+            log.warning(
+                "nats-py %s internals are not what dcmstatus expects (%s); consuming through the public "
+                "API: slower, and a frame nats-py cannot decode stops its reader (docs/operations.md)",
+                getattr(nats.aio.client, "__version__", "?"), problem,
+            )
+            return
+        internals.install_frame_hook(self._nc, self._sub, self._on_frame, self._refill, self._on_hook_error)
+        self._send_acks = internals.send_acks
+        self.fast_path = True
+        problem = internals.widen_protocol_parser()
+        if problem is not None:
+            log.warning(
+                "%s; a subject with a vertical tab or form feed may reset the NATS connection (docs/operations.md)",
+                problem,
+            )
 
-        async def process_msg(msg_sid, subject, reply, data, headers):
-            if msg_sid != sid or headers:
-                await original(msg_sid, subject, reply, data, headers)
-                return
-            accept(subject.decode(), None, data, reply.decode())
-            if room_for_a_pull():
-                await self._refill()
+    def _on_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """One frame of our inbox, as bytes (the fast path). Returns whether
+        a pull request may be due. Raises only on a bug (the hook catches it)."""
+        if headers is None:
+            # The common frame, read inline (frames.ack_position, inlined);
+            # anything odd about it raises, and it is read again, carefully.
+            try:
+                ack = reply.decode()
+                tokens = ack.split(".")
+                if len(tokens) == 9 and tokens[1] == "ACK" and tokens[0] == "$JS":
+                    seq, ts = int(tokens[5]), int(tokens[7])
+                elif len(tokens) >= 11 and tokens[1] == "ACK" and tokens[0] == "$JS":  # with domain and account hash
+                    seq, ts = int(tokens[7]), int(tokens[9])
+                else:
+                    raise ValueError(ack)
+                delivery = Delivery(subject.decode(), None, data, seq, ts, ack)
+            except Exception:
+                pass
+            else:
+                self._deliver(delivery)
+                return self._room_for_a_pull()
+        return self._take(read_frame(subject, reply, headers), data) and self._room_for_a_pull()
 
-        nc._process_msg = process_msg
+    def _take(self, frame: Frame, data: bytes) -> bool:
+        """A frame read carefully: a pull status, a delivery (maybe unreadable),
+        or a drop. Returns whether a message was delivered."""
+        if frame.status is not None:
+            self._on_status({"Status": frame.status, "Description": frame.description})
+            return False
+        if frame.ack is None:
+            self._metrics.frames_dropped.inc()
+            self._events.frame_dropped(frame.subject, frame.problem or "no ack subject")
+            return False
+        self._deliver(
+            Delivery(frame.subject, frame.headers, data, frame.stream_seq, frame.stream_time_ns, frame.ack, frame.problem)
+        )
+        return True
 
-    def _accept(self, subject: str, headers: dict[str, str] | None, data: bytes, reply: str) -> None:
+    def _deliver(self, delivery: Delivery) -> None:
         if self._intake_closed:
             return  # stopping: unacked, so NATS redelivers it
-        tokens = reply.split(".")
-        if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-            seq, ts = int(tokens[5]), int(tokens[7])
-        elif len(tokens) >= 11:  # with domain and account hash
-            seq, ts = int(tokens[7]), int(tokens[9])
-        else:
-            log.error("message on %s has an unexpected reply subject %r; leaving it unacked", subject, reply)
-            return
+        self._deliveries.send_nowait(delivery)  # first: if it fails, nothing was counted
         self._in_flight += 1
         self._received += 1
-        size = len(data)
+        size = len(delivery.body)
         self._bytes_in_flight += size
-        self._sizes[reply] = size
+        self._sizes[delivery.token] = size
         requests = self._requests
         if requests:
             self._requested -= 1
@@ -443,7 +502,12 @@ class JetStreamSource:
             head[0] -= 1
             if head[0] <= 0:
                 requests.popleft()
-        self._deliveries.send_nowait(Delivery(subject, headers, data, seq, ts, reply))
+
+    def _on_hook_error(self, exc: BaseException) -> None:
+        """A frame nothing could handle (a bug, or nats-py failing on another
+        subscription's frame): counted and logged, and the reader goes on."""
+        self._metrics.frames_dropped.inc()
+        self._events.frame_dropped("?", f"handling it raised {type(exc).__name__}: {exc}")
 
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers.get("Status")
@@ -511,15 +575,15 @@ class JetStreamSource:
         try:
             if nc.is_closed:
                 raise nats.errors.ConnectionClosedError
-            # One buffer write for the whole batch: publish() per ack costs
-            # ~20% of the consume path (subject checks, three buffer appends).
-            # During a reconnect the bytes wait in the pending buffer, as
-            # publish() would leave them.
-            await nc._send_command(b"".join([b"PUB " + t.encode() + _ACK_TAIL for t in tokens]))
-            await nc._flush_pending()
+            if tokens:
+                await self._send_acks(nc, tokens)
+                self.acks_failing = False
         except Exception as exc:
             # Not acked means redelivered after ack_wait; the ordering guard
-            # makes that harmless.
+            # makes that harmless once, but a persistent failure is an endless
+            # redelivery: counted, and reported by health until an ack goes out.
+            self.acks_failing = True
+            self._metrics.ack_failures.inc(len(tokens))
             log.warning("could not send %d acks (%s); they will be redelivered", len(tokens), exc)
         self._in_flight -= len(tokens)
         pop = self._sizes.pop
@@ -600,6 +664,12 @@ def _shown(entry: str) -> str:
     """A server entry fit for an error message: a token or password hidden."""
     head, at, host = entry.rpartition("@")
     return f"{head.partition('://')[0]}://***@{host}" if at and "://" in head else ("***@" + host if at else entry)
+
+
+async def _publish_acks(nc: Any, tokens: list[str]) -> None:
+    """Acks through the public API (the fallback of internals.send_acks)."""
+    for token in tokens:
+        await nc.publish(token, b"+ACK")
 
 
 def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
