@@ -52,7 +52,7 @@ def row(url, instance):
 
 
 def test_migrate_is_idempotent(database_url):
-    assert migrate(database_url) == ["0001_initial", "0002_hot_status_updates", "0003_parked_events"]
+    assert migrate(database_url) == ["0001_initial", "0002_hot_status_updates", "0003_parked_events", "0004_status_changes"]
     assert migrate(database_url) == []
 
 
