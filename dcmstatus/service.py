@@ -31,6 +31,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from dcmstatus.adapters.http.app import make_app
 from dcmstatus.adapters.http.page_tokens import load_or_create_secret
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
@@ -116,6 +117,18 @@ class Service:
             kwargs={"application_name": "dcmstatus-api", "connect_timeout": 2},
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
+        # The watch streams read through a pool of their own, so that many
+        # streams waking at once never starve the rest of the API.
+        self.watch_pool = psycopg_pool.ConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=2,
+            open=False,
+            timeout=5.0,
+            kwargs={"application_name": "dcmstatus-watch", "connect_timeout": 2},
+        )
+        self.changes = ChangeStore(self.watch_pool)
+        self.notifier = ChangeNotifier(database_url)
         self.http_url = ""
 
     async def health(self) -> tuple[bool, dict]:
@@ -135,9 +148,11 @@ class Service:
         """Run until `stopped` is set, then drain within the grace period."""
         config = self.config
         await trio.to_thread.run_sync(self.api_pool.open)
+        await trio.to_thread.run_sync(self.watch_pool.open)
         try:
             async with trio.open_nursery() as nursery:
                 http_stop = trio.Event()
+                await nursery.start(self.notifier.run)
                 app = make_app(
                     self.instances,
                     set(self.catalog.service_types()),
@@ -146,6 +161,8 @@ class Service:
                     page_token_secret=self.page_token_secret,
                     api_token=config.api_token,
                     max_body_bytes=config.max_request_bytes,
+                    changes=(self.changes, self.notifier),
+                    max_watch_streams=config.max_watch_streams,
                 )
                 hconfig = HypercornConfig()
                 hconfig.bind = [f"{config.http_host}:{config.http_port}"]
@@ -162,6 +179,9 @@ class Service:
                 task_status.started()
 
                 await stopped.wait()
+                # Watch streams end now: their clients resume elsewhere (or
+                # after the restart), and the HTTP shutdown need not wait for them.
+                self.notifier.close()
                 log.info("stopping: finishing in-flight work (grace period %.0fs)", config.grace_period)
                 with trio.move_on_after(config.grace_period) as grace:
                     await self.source.stop_intake()
@@ -176,6 +196,7 @@ class Service:
                 nursery.cancel_scope.deadline = trio.current_time() + 3
         finally:
             await trio.to_thread.run_sync(self.api_pool.close)
+            await trio.to_thread.run_sync(self.watch_pool.close)
             for store in self.writer_stores:
                 store.close()
 
