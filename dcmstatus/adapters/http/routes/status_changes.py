@@ -110,8 +110,9 @@ class StatusChangeRoutes:
 
     @staticmethod
     def _filters(query: dict[str, str]) -> tuple[str | None, str | None, int | None]:
-        # An empty filter is no filter, as on the other listings.
-        after = query.get("after") or None
+        # An empty filter is no filter, as on the other listings; a position
+        # is a number or absent.
+        after = query.get("after")
         return (
             query.get("service_type") or None,
             query.get("instance_id") or None,
