@@ -65,7 +65,7 @@ def make_app(
     routes = [
         *InstanceRoutes(store, service_types, tokens, max_body_bytes).routes,
         *RejectedEventRoutes(store, tokens).routes,
-        *StatusChangeRoutes(*changes, tokens, max_watch_streams, watch_heartbeat).routes,
+        *StatusChangeRoutes(*changes, tokens, metrics_registry, max_watch_streams, watch_heartbeat).routes,
         *SystemRoutes(health, metrics_registry).routes,
     ]
     middleware = [Middleware(InternalErrors)]

@@ -15,6 +15,7 @@ import re
 
 import msgspec
 import trio
+from prometheus_client import CollectorRegistry, Gauge
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -72,6 +73,7 @@ class StatusChangeRoutes:
         store: ChangeStore,
         notifier: ChangeNotifier,
         tokens: PageTokens,
+        registry: CollectorRegistry,
         max_streams: int = DEFAULT_MAX_STREAMS,
         heartbeat: float = HEARTBEAT_SECONDS,
     ) -> None:
@@ -81,6 +83,9 @@ class StatusChangeRoutes:
         self._max_streams = max_streams
         self._heartbeat = heartbeat
         self.open_streams = 0
+        Gauge(
+            "dcmstatus_watch_streams", "open watch streams (Server-Sent Events of /api/v1/status-changes)", registry=registry
+        ).set_function(lambda: self.open_streams)
         self.routes: list[Route] = [resource(PATH, get=self.get)]
 
     async def get(self, request: Request) -> Response:
