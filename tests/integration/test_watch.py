@@ -186,3 +186,24 @@ async def test_heartbeats_while_idle_and_streams_end_at_shutdown(database_url):
         reader.close()
         reply = await api.request("GET", PATH, headers={"accept": "text/event-stream"})
         assert_problem(reply, 503)
+
+
+async def test_streams_keep_following_when_the_listening_connection_is_lost(database_url):
+    async with serve_api(database_url) as api:
+        reader = await open_stream(api)
+        try:
+            await api.create("vm1")
+            assert summary(await events(reader, 1)) == [("created", "vm1", None, "PROVISIONING")]
+            (killed,) = await api.sql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'dcmstatus-listen'"
+            )
+            assert killed == (True,)
+            await api.create("vm2")  # while nobody listens, or after the reconnect: either way it arrives
+            assert summary(await events(reader, 1)) == [("created", "vm2", None, "PROVISIONING")]
+            with trio.fail_after(30):  # the listener is back
+                while not await api.sql("SELECT 1 FROM pg_stat_activity WHERE application_name = 'dcmstatus-listen'"):
+                    await trio.sleep(0.05)
+            await api.create("vm3")
+            assert summary(await events(reader, 1)) == [("created", "vm3", None, "PROVISIONING")]
+        finally:
+            reader.close()

@@ -200,7 +200,7 @@ class ChangeNotifier:
                     await trio.to_thread.run_sync(conn.close)
 
     def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5, application_name="dcmstatus-watch")
+        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5, application_name="dcmstatus-listen")
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         return conn
 
