@@ -148,10 +148,10 @@ class StatusChangeRoutes:
             raise
         return _EventStream(self, position, service_type, instance_id)
 
-    def _stream_ended(self) -> None:
+    def stream_ended(self) -> None:
         self.open_streams -= 1
 
-    async def _follow(self, send: Send, position: int, service_type: str | None, instance_id: str | None) -> None:
+    async def follow(self, send: Send, position: int, service_type: str | None, instance_id: str | None) -> None:
         """Send changes after `position` as they are committed, until shutdown."""
 
         async def write(data: bytes) -> None:
@@ -221,11 +221,11 @@ class _EventStream(Response):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(until_disconnect, nursery.cancel_scope)
                 try:
-                    await self._routes._follow(send, *self._args)
+                    await self._routes.follow(send, *self._args)
                 except StoreUnavailable as exc:
                     log.warning("ending a watch stream: %s", exc)
                 nursery.cancel_scope.cancel()
             if not disconnected:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self._routes._stream_ended()
+            self._routes.stream_ended()
