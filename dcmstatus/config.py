@@ -150,6 +150,9 @@ class ServeConfig:
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _opt("text", "text (human) or json (one object per line, event fields as keys)", type=_lower, choices=("text", "json"))
     max_request_bytes: int = _opt(1024 * 1024, "HTTP request bodies larger than this are refused with 413", type=int)
+    max_watch_streams: int = _opt(
+        100, "open watch streams (Server-Sent Events of /api/v1/status-changes) at most; beyond, 503", type=int
+    )
     api_token_file: Path | None = _opt(
         None,
         "file holding the API token: every /api/v1 route except health then needs 'Authorization: Bearer <token>'",
@@ -237,7 +240,7 @@ class ServeConfig:
             )
         for name in (
             "writers", "batch_size", "max_in_flight", "max_in_flight_bytes", "max_event_bytes", "dead_letter_limit",
-            "max_request_bytes", "parked_limit",
+            "max_request_bytes", "parked_limit", "max_watch_streams",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -39,6 +39,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from dcmstatus.adapters.http.app import make_app
 from dcmstatus.adapters.http.page_tokens import load_or_create_secret
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
+from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.conninfo import check_conninfo
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
@@ -140,6 +141,19 @@ class Service:
             },
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
+        # The watch streams read through a pool of their own, so that many
+        # streams waking at once never starve the rest of the API.
+        self.watch_pool = psycopg_pool.ConnectionPool(
+            database_url,
+            min_size=1,
+            max_size=2,
+            open=False,
+            timeout=5.0,
+            configure=_configure_api_connection,
+            kwargs={"application_name": "dcmstatus-watch", "connect_timeout": 2, "keepalives": 1},
+        )
+        self.changes = ChangeStore(self.watch_pool)
+        self.notifier = ChangeNotifier(database_url)
         self.http_url = ""
         self.ready = False  # consuming: start-up is over
         self._stopped = trio.Event()
@@ -210,6 +224,9 @@ class Service:
                 if self.ready:
                     ready()
                     await self._stopped.wait()
+                    # Watch streams end now: their clients resume elsewhere (or
+                    # after the restart), and the HTTP shutdown need not wait for them.
+                    self.notifier.close()
                     await self._drain()
                 else:
                     log.info("stopped during start-up")
@@ -234,6 +251,8 @@ class Service:
             api_token=config.api_token,
             page_token_secret=self.page_token_secret,
             max_body_bytes=config.max_request_bytes,
+            changes=(self.changes, self.notifier),
+            max_watch_streams=config.max_watch_streams,
         )
         hconfig = HypercornConfig()
         hconfig.bind = [f"{config.http_host}:{config.http_port}"]
@@ -268,6 +287,8 @@ class Service:
         )
         log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
         self.api_pool.open(wait=False)  # connects in the background
+        self.watch_pool.open(wait=False)
+        await nursery.start(self.notifier.run)
         await nursery.start(self._consume)
 
     async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -309,7 +330,8 @@ class Service:
         """Close the API pool and the writers' connections, side by side, no
         longer than _CLOSE_DEADLINE: a writer thread abandoned mid-statement
         closes its own connection when the statement ends (StatusStore.close)."""
-        closers = [partial(self.api_pool.close, timeout=1.0)]
+        self.notifier.close()
+        closers = [partial(self.api_pool.close, timeout=1.0), partial(self.watch_pool.close, timeout=1.0)]
         closers += [partial(store.close, cancel_timeout=_CLOSE_DEADLINE) for store in self.writer_stores]
         with trio.move_on_after(_CLOSE_DEADLINE + 0.5) as scope:
             async with trio.open_nursery() as nursery:

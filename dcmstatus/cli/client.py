@@ -1,12 +1,13 @@
 """The terminal clients' view of the HTTP API: where it is (flag, environment
 or a running serve's runtime.json), the token, GET with RFC 7807 errors turned
-into one readable line, and following page tokens."""
+into one readable line, following page tokens, and reading an event stream."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,48 @@ class ApiClient:
             ) from None
         except ValueError:
             raise ApiError(f"{target} did not answer with JSON; is {self.url} a dcmstatus service?") from None
+
+    def events(
+        self, path: str, query: dict[str, Any], last_event_id: int | None, read_timeout: float
+    ) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """One connection's Server-Sent Events: (id, data) for each frame
+        with an id (data None for a frame with an id alone, which only moves
+        the position); ends when the server ends the stream.
+
+        Raises ApiError for an error answer (with its status) or a connection
+        that fails, including nothing received for `read_timeout` seconds
+        (the server sends a heartbeat far more often).
+        """
+        import urllib.error
+        import urllib.request
+        from urllib.parse import urlencode
+
+        query = {k: v for k, v in query.items() if v is not None}
+        target = f"{self.url}{path}" + ("?" + urlencode(query) if query else "")
+        request = urllib.request.Request(target, headers={"accept": "text/event-stream"})
+        if self.token:
+            request.add_header("authorization", f"Bearer {self.token}")
+        if last_event_id is not None:
+            request.add_header("last-event-id", str(last_event_id))
+        try:
+            with urllib.request.urlopen(request, timeout=read_timeout) as response:
+                fields: dict[str, str] = {}
+                for raw in response:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    if line:
+                        if not line.startswith(":"):  # ":" starts a comment (heartbeats)
+                            name, _, value = line.partition(":")
+                            fields[name] = value.removeprefix(" ")
+                        continue
+                    if fields.get("id", "").isdigit():
+                        data = fields.get("data")
+                        yield int(fields["id"]), None if data is None else json.loads(data)
+                    fields = {}
+        except urllib.error.HTTPError as exc:
+            raise self._problem(exc) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError(f"lost the stream from {self.url} ({reason})") from None
 
     def _problem(self, exc: Any) -> ApiError:
         try:

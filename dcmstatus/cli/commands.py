@@ -48,6 +48,7 @@ Terminal clients of a running service's HTTP API:
   dcmstatus instances list --service-type vm
   dcmstatus instances get vm1
   dcmstatus rejected --reason unknown_status
+  dcmstatus watch --service-type vm
 """
 
 
@@ -129,6 +130,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_api_client_options(rejected)
     rejected.set_defaults(run=_rejected)
+
+    watch = commands.add_parser(
+        "watch",
+        help="follow status changes live (talks to the HTTP API)",
+        description="Print each status change as it is committed (the event stream of /api/v1/status-changes): "
+        "time, instance, type, previous -> new status, message. Reconnects after a dropped connection and "
+        "resumes from the last change received, without gaps or repeats. Ctrl-C stops it.",
+    )
+    watch.add_argument("--service-type", help="only this service type")
+    watch.add_argument("--instance", help="only this instance id")
+    watch.add_argument(
+        "--after",
+        type=_change_id,
+        metavar="CHANGE_ID",
+        help="start after this change id (0: every retained change) [default: changes from now on]",
+    )
+    _add_api_client_options(watch, limit=False)
+    watch.set_defaults(run=_watch)
 
     publish = commands.add_parser(
         "publish",
@@ -313,6 +332,12 @@ def _add_api_client_options(parser: argparse.ArgumentParser, *, limit: bool = Tr
         )
 
 
+def _change_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a change id (a non-negative integer)")
+    return int(text)
+
+
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
@@ -375,6 +400,20 @@ def _rejected(args: argparse.Namespace) -> int:
         ]
         print(table(("ID", "RECEIVED", "REASON", "SUBJECT", "SEQ", "INSTANCE", "DETAIL"), rows), end="")
         footer(len(items), more, "rejected event", "rejected events")
+        return 0
+
+    return _run_client(args, run)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from dcmstatus.cli.watch import follow
+
+    def run(client: ApiClient) -> int:
+        query = {"service_type": args.service_type, "instance_id": args.instance}
+        try:
+            follow(client, query, args.after, as_json=getattr(args, "json", False))
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends
         return 0
 
     return _run_client(args, run)

@@ -21,6 +21,7 @@ from hypercorn.trio import serve
 from psycopg_pool import ConnectionPool
 
 from dcmstatus.adapters.http.app import make_app
+from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.engine.metrics import Metrics
@@ -64,6 +65,7 @@ class Api:
     health: HealthSwitch
     metrics: Metrics
     api_token: str | None = None
+    notifier: ChangeNotifier | None = None
 
     @property
     def url(self) -> str:
@@ -130,6 +132,8 @@ async def serve_api(database_url: str, api_token: str | None = None, **app_optio
     health = HealthSwitch()
     metrics = Metrics()
     app_options.setdefault("page_token_secret", PAGE_TOKEN_SECRET)
+    notifier = ChangeNotifier(database_url)
+    app_options.setdefault("changes", (ChangeStore(pool), notifier))
     app = make_app(InstanceStore(pool), SERVICE_TYPES, health, metrics.registry, api_token=api_token, **app_options)
     config = Config()
     config.bind = ["127.0.0.1:0"]
@@ -137,9 +141,11 @@ async def serve_api(database_url: str, api_token: str | None = None, **app_optio
     shutdown = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
+            await nursery.start(notifier.run)
             binds = await nursery.start(partial(serve, app, config, shutdown_trigger=shutdown.wait))
             address = urlsplit(binds[0])
-            yield Api(address.hostname, address.port, database_url, pool, health, metrics, api_token)
+            yield Api(address.hostname, address.port, database_url, pool, health, metrics, api_token, notifier)
+            notifier.close()  # ends open watch streams
             shutdown.set()
     finally:
         await trio.to_thread.run_sync(pool.close)

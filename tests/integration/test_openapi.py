@@ -9,6 +9,12 @@
 
 The server runs in the test's trio loop (hypercorn, real PostgreSQL, with an
 API token); schemathesis and its HTTP client run in a worker thread.
+
+The event stream of /api/v1/status-changes (its 200 as text/event-stream) is
+not fuzzed here: schemathesis asks for JSON, and a stream never ends, so
+neither it nor the reaching requests below (which read whole bodies) could
+read one. test_watch.py covers the stream; here the server allows no stream
+at all (max_watch_streams=0), which is how its 503 is reached.
 """
 
 import json
@@ -59,7 +65,7 @@ CHECKS = [
 
 @pytest.fixture
 async def api(database_url):
-    async with serve_api(database_url, api_token=TOKEN) as api:
+    async with serve_api(database_url, api_token=TOKEN, max_watch_streams=0) as api:
         # Some data, so that reads return rows and generated ids sometimes hit.
         await api.create("vm1", name="one", provider_name="kubevirt")
         await api.create("c1", service_type="container")
@@ -78,7 +84,7 @@ def _schema() -> Any:
 def test_document_is_valid_openapi_3():
     assert DOCUMENT["openapi"].startswith("3.")
     operations = [op.ok() for op in _schema().get_all_operations()]
-    assert len(operations) == len(OPERATIONS) == 8
+    assert len(operations) == len(OPERATIONS) == 9
 
 
 async def test_document_is_served_and_equals_the_file(api: Api):
@@ -138,6 +144,7 @@ async def test_live_api_conforms_to_the_document(api: Api, mode: str):
 
 _BODY = {"service_type": "vm", "spec": {}}
 _NO_TOKEN: dict[str, str] = {"authorization": ""}
+CHANGES = "/api/v1/status-changes"
 
 # (path, method, status) -> the request that must produce it:
 # (method, path with query, JSON body or raw bytes, extra headers).
@@ -163,6 +170,10 @@ REACHING: dict[tuple[str, str, int], tuple[str, str, Any, dict[str, str]]] = {
     ("/api/v1/rejected-events", "get", 200): ("GET", "/api/v1/rejected-events?reason=malformed_json", None, {}),
     ("/api/v1/rejected-events", "get", 400): ("GET", "/api/v1/rejected-events?reason=nope", None, {}),
     ("/api/v1/rejected-events", "get", 401): ("GET", "/api/v1/rejected-events", None, _NO_TOKEN),
+    (CHANGES, "get", 200): ("GET", f"{CHANGES}?service_type=vm&max_page_size=1", None, {}),
+    (CHANGES, "get", 400): ("GET", f"{CHANGES}?after=-1", None, {}),
+    (CHANGES, "get", 401): ("GET", CHANGES, None, _NO_TOKEN),
+    (CHANGES, "get", 503): ("GET", CHANGES, None, {"accept": "text/event-stream"}),  # beyond max_watch_streams=0
     ("/api/v1/health", "get", 200): ("GET", "/api/v1/health", None, _NO_TOKEN),
     ("/api/v1/health", "get", 400): ("GET", "/api/v1/health?verbose=1", None, _NO_TOKEN),
     ("/api/v1/health", "get", 503): ("GET", "/api/v1/health", None, _NO_TOKEN),  # health switched off

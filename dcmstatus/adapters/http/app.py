@@ -21,8 +21,10 @@ from dcmstatus.adapters.http.page_tokens import PageTokens
 from dcmstatus.adapters.http.problems import EXCEPTION_HANDLERS, InternalErrors
 from dcmstatus.adapters.http.routes.instances import InstanceRoutes
 from dcmstatus.adapters.http.routes.rejected_events import RejectedEventRoutes
+from dcmstatus.adapters.http.routes.status_changes import DEFAULT_MAX_STREAMS, HEARTBEAT_SECONDS, StatusChangeRoutes
 from dcmstatus.adapters.http.routes.system import HEALTH_PATH, OPENAPI_DOCUMENT, HealthCheck, SystemRoutes
 from dcmstatus.adapters.http.routing import RoutingPath
+from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.instances import InstanceStore
 
 __all__ = ["MAX_BODY_BYTES", "OPENAPI_DOCUMENT", "make_app"]
@@ -37,6 +39,9 @@ def make_app(
     page_token_secret: bytes,
     api_token: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    changes: tuple[ChangeStore, ChangeNotifier],
+    max_watch_streams: int = DEFAULT_MAX_STREAMS,
+    watch_heartbeat: float = HEARTBEAT_SECONDS,
 ) -> Starlette:
     """The ASGI application serving /api/v1 and /metrics.
 
@@ -46,6 +51,10 @@ def make_app(
     accept each other's tokens. With `api_token`, every /api/v1 route except
     health requires `Authorization: Bearer <api_token>` (401 otherwise);
     /metrics stays open. Request bodies over `max_body_bytes` get 413.
+    `changes` serves /api/v1/status-changes: the store it reads and the
+    notifier that wakes its streams (the caller runs the notifier and closes
+    it at shutdown, which ends the streams); at most `max_watch_streams`
+    streams are open at once.
     """
     if callable(catalog_service_types):
         service_types = catalog_service_types
@@ -56,6 +65,7 @@ def make_app(
     routes = [
         *InstanceRoutes(store, service_types, tokens, max_body_bytes).routes,
         *RejectedEventRoutes(store, tokens).routes,
+        *StatusChangeRoutes(*changes, tokens, metrics_registry, max_watch_streams, watch_heartbeat).routes,
         *SystemRoutes(health, metrics_registry).routes,
     ]
     middleware = [Middleware(InternalErrors)]

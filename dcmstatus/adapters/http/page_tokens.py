@@ -24,7 +24,7 @@ import msgspec
 from dcmstatus.adapters.http.problems import HTTPProblem
 from dcmstatus.core.errors import ConfigError
 
-__all__ = ["InstanceCursor", "PageTokens", "RejectedCursor", "load_or_create_secret"]
+__all__ = ["ChangeCursor", "InstanceCursor", "PageTokens", "RejectedCursor", "load_or_create_secret"]
 
 _MAC_BYTES = 16
 _MAX_TOKEN_CHARS = 1024
@@ -46,8 +46,18 @@ class RejectedCursor(msgspec.Struct, array_like=True, tag="r", frozen=True):
     reason: str | None
 
 
+class ChangeCursor(msgspec.Struct, array_like=True, tag="c", frozen=True):
+    """Where a status-change listing continues, and the query it was made for."""
+
+    after_change_id: int
+    after: int | None  # the query's own `after`
+    service_type: str | None
+    instance_id: str | None
+
+
+Cursor = InstanceCursor | RejectedCursor | ChangeCursor
 _encoder = msgspec.json.Encoder()
-_cursor_decoder = msgspec.json.Decoder(InstanceCursor | RejectedCursor)
+_cursor_decoder = msgspec.json.Decoder(Cursor)
 
 
 class PageTokens:
@@ -61,12 +71,12 @@ class PageTokens:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._secret, payload, hashlib.blake2b).digest()[:_MAC_BYTES]
 
-    def encode(self, cursor: InstanceCursor | RejectedCursor) -> str:
+    def encode(self, cursor: Cursor) -> str:
         payload = _encoder.encode(cursor)
         token = base64.urlsafe_b64encode(payload + self._mac(payload))
         return token.rstrip(b"=").decode("ascii")
 
-    def decode(self, token: str) -> InstanceCursor | RejectedCursor:
+    def decode(self, token: str) -> Cursor:
         """The cursor of a token made under this secret; 400 otherwise."""
         invalid = HTTPProblem(400, "page_token is invalid; start again without it")
         if len(token) > _MAX_TOKEN_CHARS:
