@@ -97,14 +97,17 @@ def _dashboard(summary: Summary, service_types: Iterable[str], signed_in: bool) 
   </section>
   <section aria-labelledby="chart-h" class="card">
     <h2 id="chart-h">Intake</h2>
+    <div class="chart-row">
     <figure class="chart">
       <figcaption>events/s <strong id="rate-now">–</strong></figcaption>
-      <svg id="rate-chart" viewBox="0 0 300 60" preserveAspectRatio="none" role="img" aria-label="events per second, last minutes"></svg>
+      <svg id="rate-chart" viewBox="0 0 300 60" preserveAspectRatio="none" role="img" aria-label="events received per second, last two minutes"></svg>
     </figure>
     <figure class="chart">
       <figcaption>mean lag <strong id="lag-now">–</strong></figcaption>
-      <svg id="lag-chart" viewBox="0 0 300 60" preserveAspectRatio="none" role="img" aria-label="mean event lag, last minutes"></svg>
+      <svg id="lag-chart" viewBox="0 0 300 60" preserveAspectRatio="none" role="img" aria-label="mean event lag, last two minutes"></svg>
     </figure>
+    </div>
+    <p class="note">last two minutes, from <a href="/metrics">/metrics</a></p>
   </section>
 </div>
 <section aria-labelledby="instances-h" class="card">

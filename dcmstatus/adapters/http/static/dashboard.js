@@ -9,7 +9,7 @@
   const LIST = "/api/v1/service-type-instances";
   const POLL_MS = 3000;
   const PAGE_SIZE = 25;
-  const CHART_POINTS = 90;
+  const CHART_POINTS = 60; // two minutes of samples, one per 2 s
 
   const $ = (id) => document.getElementById(id);
   const main = $("dashboard");
@@ -331,9 +331,14 @@
     const step = 300 / (CHART_POINTS - 1);
     const offset = CHART_POINTS - values.length;
     const points = values.map((v, i) => ((offset + i) * step).toFixed(1) + "," + (58 - (v / max) * 54).toFixed(1));
-    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    const svgNS = "http://www.w3.org/2000/svg";
+    const line = document.createElementNS(svgNS, "polyline");
     line.setAttribute("points", points.join(" "));
-    svg.replaceChildren(line);
+    const area = document.createElementNS(svgNS, "polygon");
+    if (points.length) {
+      area.setAttribute("points", points.join(" ") + " " + points[points.length - 1].split(",")[0] + ",60 " + points[0].split(",")[0] + ",60");
+    }
+    svg.replaceChildren(area, line);
   }
 
   function push(list, value) {
