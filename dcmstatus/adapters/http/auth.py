@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dcmstatus.adapters.http.responses import ProblemResponse
 from dcmstatus.adapters.http.routing import path_segments
 
-__all__ = ["SESSION_COOKIE", "BearerToken", "session_value", "has_session"]
+__all__ = ["SESSION_COOKIE", "BearerToken", "has_session", "session_value"]
 
 _CHALLENGE = 'Bearer realm="dcmstatus"'
 SESSION_COOKIE = "dcmstatus_session"
