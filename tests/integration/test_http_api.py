@@ -399,7 +399,7 @@ async def test_wrong_method_is_405_with_allow(api, method, path, allow):
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/api", "/api/v1", "/api/v2/service-type-instances", f"{BASE}/", f"{BASE}/a/b"]
+    "path", ["/static", "/api", "/api/v1", "/api/v2/service-type-instances", f"{BASE}/", f"{BASE}/a/b"]
 )
 async def test_unknown_path_is_404_problem(api, path):
     assert_problem(await api.request("GET", path), 404)

@@ -84,7 +84,7 @@ def _schema() -> Any:
 def test_document_is_valid_openapi_3():
     assert DOCUMENT["openapi"].startswith("3.")
     operations = [op.ok() for op in _schema().get_all_operations()]
-    assert len(operations) == len(OPERATIONS) == 9
+    assert len(operations) == len(OPERATIONS) == 10
 
 
 async def test_document_is_served_and_equals_the_file(api: Api):
@@ -174,6 +174,9 @@ REACHING: dict[tuple[str, str, int], tuple[str, str, Any, dict[str, str]]] = {
     (CHANGES, "get", 400): ("GET", f"{CHANGES}?after=-1", None, {}),
     (CHANGES, "get", 401): ("GET", CHANGES, None, _NO_TOKEN),
     (CHANGES, "get", 503): ("GET", CHANGES, None, {"accept": "text/event-stream"}),  # beyond max_watch_streams=0
+    ("/api/v1/dashboard/summary", "get", 200): ("GET", "/api/v1/dashboard/summary", None, {}),
+    ("/api/v1/dashboard/summary", "get", 400): ("GET", "/api/v1/dashboard/summary?window=1", None, {}),
+    ("/api/v1/dashboard/summary", "get", 401): ("GET", "/api/v1/dashboard/summary", None, _NO_TOKEN),
     ("/api/v1/health", "get", 200): ("GET", "/api/v1/health", None, _NO_TOKEN),
     ("/api/v1/health", "get", 400): ("GET", "/api/v1/health?verbose=1", None, _NO_TOKEN),
     ("/api/v1/health", "get", 503): ("GET", "/api/v1/health", None, _NO_TOKEN),  # health switched off

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+
 import trio_asyncio  # noqa: F401  # isort: skip
 
 from dcmstatus.adapters.postgres.schema import migrate

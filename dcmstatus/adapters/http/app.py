@@ -1,8 +1,9 @@
 """The HTTP API application: its routes, middleware and exception handlers.
 
-A request passes, outermost first: `InternalErrors` (500 as a last resort),
-`BearerToken` (when a token is configured), `RoutingPath` (segments as the
-client split them), then Starlette's router and the handlers of routes/.
+A request passes, outermost first: `SecurityHeaders` (CSP and friends on
+every response), `InternalErrors` (500 as a last resort), `BearerToken`
+(when a token is configured), `RoutingPath` (segments as the client split
+them), then Starlette's router and the handlers of routes/.
 Outcomes become RFC 7807 problems in problems.py. Adding a route is adding a
 `resource(...)` to a routes module, or a new module to the list below.
 """
@@ -19,11 +20,13 @@ from dcmstatus.adapters.http.auth import BearerToken
 from dcmstatus.adapters.http.inputs import MAX_BODY_BYTES
 from dcmstatus.adapters.http.page_tokens import PageTokens
 from dcmstatus.adapters.http.problems import EXCEPTION_HANDLERS, InternalErrors
+from dcmstatus.adapters.http.routes.dashboard import DashboardRoutes
 from dcmstatus.adapters.http.routes.instances import InstanceRoutes
 from dcmstatus.adapters.http.routes.rejected_events import RejectedEventRoutes
 from dcmstatus.adapters.http.routes.status_changes import DEFAULT_MAX_STREAMS, HEARTBEAT_SECONDS, StatusChangeRoutes
 from dcmstatus.adapters.http.routes.system import HEALTH_PATH, OPENAPI_DOCUMENT, HealthCheck, SystemRoutes
 from dcmstatus.adapters.http.routing import RoutingPath
+from dcmstatus.adapters.http.security_headers import SecurityHeaders
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.instances import InstanceStore
 
@@ -43,7 +46,7 @@ def make_app(
     max_watch_streams: int = DEFAULT_MAX_STREAMS,
     watch_heartbeat: float = HEARTBEAT_SECONDS,
 ) -> Starlette:
-    """The ASGI application serving /api/v1 and /metrics.
+    """The ASGI application serving /api/v1, /metrics and the dashboard at /.
 
     `catalog_service_types` is asked on every create, so a catalog reloaded
     at run time is honoured. `health` returns (ok, {component: state}).
@@ -67,8 +70,9 @@ def make_app(
         *RejectedEventRoutes(store, tokens).routes,
         *StatusChangeRoutes(*changes, tokens, metrics_registry, max_watch_streams, watch_heartbeat).routes,
         *SystemRoutes(health, metrics_registry).routes,
+        *DashboardRoutes(store, service_types, api_token).routes,
     ]
-    middleware = [Middleware(InternalErrors)]
+    middleware = [Middleware(SecurityHeaders), Middleware(InternalErrors)]
     if api_token:
         open_paths = [tuple(HEALTH_PATH.split("/")[1:])]
         middleware.append(Middleware(BearerToken, token=api_token, protected_roots=["api"], open_paths=open_paths))

@@ -37,6 +37,7 @@ class InstanceCursor(msgspec.Struct, array_like=True, tag="i", frozen=True):
     service_type: str | None
     status: str | None
     provider_name: str | None
+    id_prefix: str | None = None  # last, with a default: tokens made before it existed still decode
 
 
 class RejectedCursor(msgspec.Struct, array_like=True, tag="r", frozen=True):

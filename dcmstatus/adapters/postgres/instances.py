@@ -42,6 +42,7 @@ __all__ = [
     "InvalidInput",
     "RejectedEvent",
     "StoreUnavailable",
+    "Summary",
 ]
 
 # What "the database cannot be reached now" looks like from psycopg. The pool's
@@ -81,6 +82,26 @@ class RejectedEvent(msgspec.Struct, frozen=True):
     service_type: str | None
     instance_id: str | None
     receive_time: datetime
+
+
+class StatusCount(msgspec.Struct, frozen=True):
+    service_type: str
+    status: str
+    count: int
+
+
+class ReasonCount(msgspec.Struct, frozen=True):
+    reason: str
+    count: int
+
+
+class Summary(msgspec.Struct, frozen=True):
+    """What the dashboard shows at a glance (docs/dashboard.md#summary)."""
+
+    instances: list[StatusCount]  # per service type and status, rows that exist now
+    rejected: list[ReasonCount]  # dead letters received in the last `rejected_window_seconds`
+    rejected_window_seconds: int
+    last_change_id: int  # the newest status_changes row; 0 before any
 
 
 # The same column list for every statement that returns instances, so one
@@ -227,15 +248,21 @@ class InstanceStore:
         provider_name: str | None = None,
         page_size: int = 50,
         after_id: str | None = None,
+        id_prefix: str | None = None,
     ) -> tuple[list[Instance], str | None]:
         """One page of instances in id order, and the id to continue after
-        (None on the last page).
+        (None on the last page). `id_prefix`: only ids starting with it.
 
         Keyset pagination: rows inserted or deleted between pages never cause
         a skipped or repeated row, unlike OFFSET.
         """
         filters = {"service_type": service_type, "status": status, "provider_name": provider_name}
-        return await self._run(self._list, filters, page_size, after_id)
+        return await self._run(self._list, filters, page_size, after_id, id_prefix)
+
+    async def summary(self, rejected_window_seconds: int = 3600) -> Summary:
+        """Instance counts per service type and status, recent dead letters
+        per reason, and the newest change id."""
+        return await self._run(self._summary, rejected_window_seconds)
 
     async def rejected(
         self, reason: str | None = None, page_size: int = 50, before_id: int | None = None
@@ -296,7 +323,7 @@ class InstanceStore:
             return cur.rowcount > 0
 
     def _list(
-        self, filters: dict[str, str | None], page_size: int, after_id: str | None
+        self, filters: dict[str, str | None], page_size: int, after_id: str | None, id_prefix: str | None
     ) -> tuple[list[Instance], str | None]:
         # Only the conditions in use appear in the statement: "(%s IS NULL OR
         # col = %s)" would defeat the indexes once psycopg prepares the query.
@@ -306,6 +333,11 @@ class InstanceStore:
             if value is not None:
                 conditions.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
                 params.append(value)
+        if id_prefix:
+            # The range lets the primary key's index find the first row (a
+            # LIKE would need C collation for that); starts_with bounds it.
+            conditions.append(sql.SQL("instance_id >= %s AND starts_with(instance_id, %s)"))
+            params += [id_prefix, id_prefix]
         if after_id is not None:
             conditions.append(sql.SQL("instance_id > %s"))
             params.append(after_id)
@@ -340,3 +372,23 @@ class InstanceStore:
             rows = conn.execute(query, params).fetchall()
         page = [_rejected(row) for row in rows[:page_size]]
         return page, (page[-1].id if len(rows) > page_size else None)
+
+    def _summary(self, rejected_window_seconds: int) -> Summary:
+        with self._pool.connection() as conn:
+            counts = conn.execute(
+                "SELECT service_type, status, count(*) FROM service_type_instances"
+                " GROUP BY service_type, status ORDER BY service_type, status"
+            ).fetchall()
+            reasons = conn.execute(
+                "SELECT reason, count(*) FROM rejected_events"
+                " WHERE received_at > now() - make_interval(secs => %s)"
+                " GROUP BY reason ORDER BY count(*) DESC, reason",
+                (rejected_window_seconds,),
+            ).fetchall()
+            (last,) = conn.execute("SELECT coalesce(max(change_id), 0) FROM status_changes").fetchone()
+        return Summary(
+            [StatusCount(*row) for row in counts],
+            [ReasonCount(*row) for row in reasons],
+            rejected_window_seconds,
+            last,
+        )

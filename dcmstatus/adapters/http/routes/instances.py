@@ -23,6 +23,8 @@ __all__ = ["InstanceRoutes"]
 BASE = "/api/v1/service-type-instances"
 # Client-chosen instance ids: a DNS label (docs/http-api.md).
 _ID_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# What the start of an id can be: of a client-chosen id or a generated UUID.
+_ID_PREFIX_RE = re.compile(r"[a-z0-9-]{1,63}")
 
 
 class CreateInstanceRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -120,13 +122,20 @@ class InstanceRoutes:
         return Response(status_code=204)
 
     async def page(self, request: Request) -> Response:
-        query = query_params(request, ["service_type", "status", "provider_name", "max_page_size", "page_token"])
+        query = query_params(
+            request, ["service_type", "status", "provider_name", "id_prefix", "max_page_size", "page_token"]
+        )
         size = page_size(query.get("max_page_size"))
         # An empty filter is no filter. Statuses are stored upper case and
         # matched case-insensitively everywhere else, so here too.
         service_type = query.get("service_type") or None
         status = (query.get("status") or "").upper() or None
         provider_name = query.get("provider_name") or None
+        id_prefix = query.get("id_prefix") or None
+        if id_prefix is not None and not _ID_PREFIX_RE.fullmatch(id_prefix):
+            # Strict: a prefix no id can have would list nothing, which looks
+            # like an answer (ids are lowercase; docs/http-api.md#instances).
+            raise HTTPProblem(400, "id_prefix must be 1 to 63 lowercase letters, digits or '-'")
         after_id = None
         if token := query.get("page_token"):
             cursor = self._tokens.decode(token)
@@ -136,7 +145,8 @@ class InstanceRoutes:
                 cursor.service_type,
                 cursor.status,
                 cursor.provider_name,
-            ) != (service_type, status, provider_name):
+                cursor.id_prefix,
+            ) != (service_type, status, provider_name, id_prefix):
                 raise HTTPProblem(400, "page_token belongs to a different query")
             if "\x00" in cursor.after_id:
                 raise HTTPProblem(400, "page_token is invalid; start again without it")
@@ -147,8 +157,9 @@ class InstanceRoutes:
             provider_name=provider_name,
             page_size=size,
             after_id=after_id,
+            id_prefix=id_prefix,
         )
         next_token = None
         if next_after is not None:
-            next_token = self._tokens.encode(InstanceCursor(next_after, service_type, status, provider_name))
+            next_token = self._tokens.encode(InstanceCursor(next_after, service_type, status, provider_name, id_prefix))
         return JSONResponse(InstancePage(instances, next_token))
