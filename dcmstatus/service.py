@@ -2,7 +2,8 @@
 order and the shutdown.
 
 Start-up: page token secret → (embedded servers) → database migrations → HTTP server → NATS
-stream and consumer → consuming. Each long-running task reports readiness
+stream and consumer → consuming, with the change relay and the outbox's
+housekeeping beside them (docs/changes.md#relay). Each long-running task reports readiness
 through `task_status`, so nothing starts before what it depends on.
 
 Shutdown, on SIGTERM/SIGINT, within `grace_period`: stop pulling, flush the
@@ -30,7 +31,9 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from dcmstatus.adapters.http.app import make_app
 from dcmstatus.adapters.http.page_tokens import load_or_create_secret
+from dcmstatus.adapters.nats.changes import ChangePublisher, ChangeStreamSettings
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler
+from dcmstatus.adapters.postgres.changes import ChangeHousekeeping, ChangeListener, ChangeOutbox
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
@@ -40,6 +43,7 @@ from dcmstatus.core.decoding import Decoder
 from dcmstatus.core.model import Delivery
 from dcmstatus.engine.metrics import Metrics
 from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
+from dcmstatus.engine.relay import Relay, RelaySettings, keep_outbox
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,23 @@ class Service:
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
         self.http_url = ""
+        self.housekeeping = ChangeHousekeeping(database_url)
+        self.relay: Relay | None = None
+        if not config.no_change_events:
+            self.relay = Relay(
+                ChangeOutbox(database_url, source=config.changes_source),
+                ChangeListener(database_url),
+                ChangePublisher(
+                    ChangeStreamSettings(
+                        url=nats_url,
+                        stream=config.changes_stream,
+                        subject_prefix=config.changes_subject_prefix,
+                        max_age=config.changes_retention,
+                    )
+                ),
+                self.metrics,
+                RelaySettings(),
+            )
 
     async def health(self) -> tuple[bool, dict]:
         try:
@@ -128,6 +149,10 @@ class Service:
         components = {"database": database, **self.source.health()}
         if not self.pipeline.store_healthy:
             components["writes"] = "failing"
+        # Informative only: a relay that cannot publish loses nothing (the
+        # changes wait in the outbox) and a 503 would not move the leadership
+        # (docs/operations.md#health).
+        components["changes"] = self.relay.state if self.relay is not None else "off"
         ok = database == "reachable" and self.source.healthy and self.pipeline.store_healthy
         return ok, components
 
@@ -159,6 +184,10 @@ class Service:
                 send, receive = trio.open_memory_channel[Delivery](float("inf"))
                 await nursery.start(self.pipeline.run, receive)
                 await nursery.start(self.source.run, send)
+                # Changes go on being published while the consumer drains;
+                # cancelled after it, with the HTTP server.
+                changes = trio.CancelScope()
+                await nursery.start(self._run_changes, changes)
                 task_status.started()
 
                 await stopped.wait()
@@ -172,12 +201,37 @@ class Service:
                         "grace period over with work in flight; unacknowledged messages will be redelivered"
                     )
                 log.info("stopped: %s", " ".join(f"{k}={v}" for k, v in self.metrics.totals().items()))
+                changes.cancel()
                 http_stop.set()
                 nursery.cancel_scope.deadline = trio.current_time() + 3
         finally:
             await trio.to_thread.run_sync(self.api_pool.close)
             for store in self.writer_stores:
                 store.close()
+            self.housekeeping.close()
+            if self.relay is not None:
+                with trio.move_on_after(2):
+                    await self.relay.publisher.close()
+                self.relay.outbox.close()  # ends the leadership: a standby takes over
+                self.relay.listener.close()
+
+    async def _run_changes(self, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+        """The relay (unless --no-change-events) and the outbox's housekeeping, until `scope` is cancelled."""
+        config = self.config
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if self.relay is not None:
+                    await nursery.start(self.relay.run)
+                await nursery.start(
+                    partial(
+                        keep_outbox,
+                        self.housekeeping,
+                        self.metrics,
+                        retention=timedelta(seconds=config.changes_retention),
+                        relay_on=self.relay is not None,
+                    )
+                )
+                task_status.started()
 
 
 async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
