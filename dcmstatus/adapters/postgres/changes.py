@@ -27,9 +27,14 @@ _LEADER_LOCK = (7235, 2)
 
 # The rows still to publish, oldest first, through the partial index on
 # unpublished change ids. The body is built here, once, as the CloudEvent
-# of docs/changes.md#change-events-on-nats; the session's time zone is UTC
-# so times are RFC 3339 with +00:00.
+# of docs/changes.md#change-events-on-nats, and only for the rows taken: in
+# one flat query the planner may build it for every unpublished row before
+# it sorts (a quarter of a second per round with a backlog of 20,000). The
+# session's time zone is UTC, so times are RFC 3339 with +00:00.
 _PENDING = """
+WITH next AS (
+    SELECT * FROM status_changes WHERE published_at IS NULL ORDER BY change_id LIMIT %(limit)s
+)
 SELECT change_id, service_type, commit_time, json_build_object(
            'specversion', '1.0',
            'type', 'dcmstatus.status.changed',
@@ -43,10 +48,8 @@ SELECT change_id, service_type, commit_time, json_build_object(
                'previous_status', previous_status, 'status_message', status_message, 'outputs', outputs,
                'provider_name', provider_name, 'event_time', event_time, 'change_id', change_id)
        )::text
-  FROM status_changes
- WHERE published_at IS NULL
+  FROM next
  ORDER BY change_id
- LIMIT %(limit)s
 """
 
 _MARK = """
