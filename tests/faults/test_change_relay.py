@@ -14,9 +14,9 @@ import time
 from datetime import UTC, datetime
 
 import nats
-from nats.js.api import AckPolicy, ConsumerConfig
 import psycopg
 from chaos import wait_for
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.cli.publish import build_event, publish_event

@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 import psycopg
 import pytest
 import trio
+
 import trio_asyncio  # noqa: F401  # isort: skip
 
 from dcmstatus.adapters.postgres.changes import ChangeHousekeeping, ChangeListener, ChangeOutbox
