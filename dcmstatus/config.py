@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dcmstatus.core.catalog import Catalog
+from dcmstatus.core.changes import subjects_overlap, valid_prefix
 from dcmstatus.core.decoding import MAX_CLOCK_SKEW
 from dcmstatus.core.errors import ConfigError
 from dcmstatus.core.redaction import REDACTED, redact_url
@@ -130,6 +131,26 @@ class ServeConfig:
         30.0,
         "seconds without a message received or acknowledged, while the server holds a backlog or messages wait "
         "for their commit, before health reports the consumer stalled (503) and intake is started afresh",
+        type=float,
+    )
+    no_change_events: bool = _opt(
+        False,
+        "publish no change events on NATS (the status_changes table is still written, and retention then "
+        "prunes old rows whether published or not)",
+        type=bool,
+    )
+    changes_subject_prefix: str = _opt(
+        "dcmstatus.changes", "change events go to <prefix>.<service type>; never a subject --subjects captures"
+    )
+    changes_stream: str = _opt(
+        "dcmstatus-changes",
+        "JetStream stream of change events: used as it is when it exists, else created on <prefix>.> with "
+        "--changes-retention as its max age",
+    )
+    changes_source: str = _opt("dcmstatus", "the CloudEvent source attribute of change events")
+    changes_retention: float = _opt(
+        7 * 24 * 3600.0,
+        "seconds a status_changes row is kept; while change events are on, only published rows are pruned",
         type=float,
     )
     max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
@@ -249,7 +270,7 @@ class ServeConfig:
         for name in ("http_port", "nats_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 65535")
-        for name in ("batch_delay_ms", "ack_wait", "grace_period", "parked_ttl", "stall_timeout"):
+        for name in ("batch_delay_ms", "ack_wait", "grace_period", "parked_ttl", "stall_timeout", "changes_retention"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive")
         if not 0 < self.max_clock_skew <= MAX_CLOCK_SKEW:  # also refuses nan
@@ -266,6 +287,20 @@ class ServeConfig:
             )
         if self.startup_timeout < 0:
             raise ValueError("--startup-timeout must be 0 (wait forever) or positive")
+        if not valid_prefix(self.changes_subject_prefix):
+            raise ValueError(
+                f"--changes-subject-prefix {self.changes_subject_prefix!r} is not a literal NATS subject "
+                "(dot-separated tokens of letters, digits, '_' and '-'), e.g. dcmstatus.changes"
+            )
+        if subjects_overlap(self.subjects, self.changes_subject_prefix + ".>"):
+            raise ValueError(
+                f"--subjects {self.subjects!r} captures change events under --changes-subject-prefix "
+                f"{self.changes_subject_prefix!r}: dcmstatus would consume its own change events. "
+                "Choose a prefix outside the filter, e.g. dcmstatus.changes"
+            )
+        for name in ("changes_stream", "changes_source"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"--{name.replace('_', '-')} must not be empty")
         if self.api_token is not None and not self.api_token.strip():
             raise ValueError("the API token is empty: set a non-empty one or none")
         if self.page_token_secret is not None and len(self.page_token_secret.strip()) < MIN_SECRET_CHARS:
@@ -349,6 +384,12 @@ def add_serve_options(
             continue
         var = env_name(f.name)
         shown = "none" if f.default is None else f.default
+        if f.metadata["type"] is bool:
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action="store_const", const=True, default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} [env {var}=true; default off]",
+            )
+            continue
         parser.add_argument(
             _flag(f.name),
             dest=f.name,
@@ -439,19 +480,35 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return table
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _switch(raw: str) -> bool:
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ValueError(raw)
+
+
 def _from_text(f: Any, raw: str, where: str) -> Any:
     convert = f.metadata["type"] or str
+    if convert is bool:
+        convert = _switch
     try:
         value = convert(raw)
     except ValueError:
-        kind = {int: "an integer", float: "a number"}.get(convert, "valid")
+        kind = {int: "an integer", float: "a number", _switch: "true or false"}.get(convert, "valid")
         raise ConfigError(f"{where} is not {kind}; fix or unset it") from None
     return _check_choice(f, value, where)
 
 
 def _from_toml(f: Any, value: Any, where: str) -> Any:
     convert = f.metadata["type"]
-    if convert is int:
+    if convert is bool:
+        ok = isinstance(value, bool)
+        kind = "true or false"
+    elif convert is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         kind = "an integer"
     elif convert is float:
@@ -463,7 +520,7 @@ def _from_toml(f: Any, value: Any, where: str) -> Any:
         kind = "a string"
     if not ok:
         raise ConfigError(f"{where} must be {kind}, not {json.dumps(value, default=str)}")
-    if convert not in (int, float, None):
+    if convert not in (bool, int, float, None):
         value = convert(value)
     return _check_choice(f, value, where)
 

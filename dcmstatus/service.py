@@ -5,7 +5,8 @@ Start-up: page token secret → (embedded servers) → HTTP server → database 
 → NATS stream and consumer → consuming. HTTP comes first so that /health can
 say what start-up is waiting for: PostgreSQL and NATS are awaited under one
 policy (engine/startup.py: retry with capped back-off until
-`--startup-timeout`, then exit 1). Each long-running task reports readiness
+`--startup-timeout`, then exit 1). The change relay and the outbox's
+housekeeping run beside the consumer (docs/changes.md#relay). Each long-running task reports readiness
 through `task_status`, so nothing starts before what it depends on.
 
 Shutdown, on SIGTERM/SIGINT, within `grace_period`: stop pulling, flush the
@@ -38,10 +39,12 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from dcmstatus.adapters.http.app import make_app
 from dcmstatus.adapters.http.page_tokens import load_or_create_secret
+from dcmstatus.adapters.nats.changes import ChangePublisher, ChangeStreamSettings
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.conninfo import check_conninfo
 from dcmstatus.adapters.postgres.instances import InstanceStore
+from dcmstatus.adapters.postgres.outbox import ChangeHousekeeping, ChangeListener, ChangeOutbox
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
 from dcmstatus.config import ServeConfig
@@ -52,6 +55,7 @@ from dcmstatus.core.model import Delivery
 from dcmstatus.core.redaction import redact_url
 from dcmstatus.engine.metrics import Metrics
 from dcmstatus.engine.pipeline import Pipeline, PipelineSettings
+from dcmstatus.engine.relay import Relay, RelaySettings, keep_outbox
 from dcmstatus.engine.startup import Startup
 
 log = logging.getLogger(__name__)
@@ -154,6 +158,24 @@ class Service:
         )
         self.changes = ChangeStore(self.watch_pool)
         self.notifier = ChangeNotifier(database_url)
+        self.housekeeping = ChangeHousekeeping(database_url)
+        self.relay: Relay | None = None
+        if not config.no_change_events:
+            self.relay = Relay(
+                ChangeOutbox(database_url, source=config.changes_source),
+                ChangeListener(database_url),
+                ChangePublisher(
+                    ChangeStreamSettings(
+                        url=nats_url,
+                        stream=config.changes_stream,
+                        subject_prefix=config.changes_subject_prefix,
+                        max_age=config.changes_retention,
+                    )
+                ),
+                self.metrics,
+                RelaySettings(),
+            )
+        self._changes = trio.CancelScope()  # the relay and the housekeeping
         self.http_url = ""
         self.ready = False  # consuming: start-up is over
         self._stopped = trio.Event()
@@ -184,6 +206,10 @@ class Service:
         components.update(database=database, **self.source.health())
         if not self.pipeline.store_healthy:
             components["writes"] = "failing"
+        # Informative only: a relay that cannot publish loses nothing (the
+        # changes wait in the outbox) and a 503 would not move the leadership
+        # (docs/operations.md#health).
+        components["changes"] = self.relay.state if self.relay is not None else "off"
         ok = self.ready and database == "reachable" and self.source.healthy and self.pipeline.store_healthy
         return ok, components
 
@@ -228,6 +254,8 @@ class Service:
                     # after the restart), and the HTTP shutdown need not wait for them.
                     self.notifier.close()
                     await self._drain()
+                    # Changes went on being published while the consumer drained.
+                    self._changes.cancel()
                 else:
                     log.info("stopped during start-up")
                 self._drained = True
@@ -290,6 +318,7 @@ class Service:
         self.watch_pool.open(wait=False)
         await nursery.start(self.notifier.run)
         await nursery.start(self._consume)
+        await nursery.start(self._run_changes)
 
     async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pipeline and the source, in a scope of their own: what the
@@ -300,6 +329,23 @@ class Service:
             await nursery.start(self.pipeline.run, receive)
             await nursery.start(self.source.run, send)
             task_status.started()
+
+    async def _run_changes(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The relay (unless --no-change-events) and the outbox's housekeeping, until stopped."""
+        with self._changes:
+            async with trio.open_nursery() as nursery:
+                if self.relay is not None:
+                    await nursery.start(self.relay.run)
+                await nursery.start(
+                    partial(
+                        keep_outbox,
+                        self.housekeeping,
+                        self.metrics,
+                        retention=timedelta(seconds=self.config.changes_retention),
+                        relay_on=self.relay is not None,
+                    )
+                )
+                task_status.started()
 
     async def _drain(self) -> None:
         config = self.config
@@ -331,7 +377,15 @@ class Service:
         longer than _CLOSE_DEADLINE: a writer thread abandoned mid-statement
         closes its own connection when the statement ends (StatusStore.close)."""
         self.notifier.close()
-        closers = [partial(self.api_pool.close, timeout=1.0), partial(self.watch_pool.close, timeout=1.0)]
+        self._changes.cancel()
+        if self.relay is not None:
+            with trio.move_on_after(2):
+                await self.relay.publisher.close()
+        closers = [self.housekeeping.close]
+        if self.relay is not None:
+            # Closing the outbox's connection ends the leadership: a standby takes over.
+            closers += [self.relay.outbox.close, self.relay.listener.close]
+        closers += [partial(self.api_pool.close, timeout=1.0), partial(self.watch_pool.close, timeout=1.0)]
         closers += [partial(store.close, cancel_timeout=_CLOSE_DEADLINE) for store in self.writer_stores]
         with trio.move_on_after(_CLOSE_DEADLINE + 0.5) as scope:
             async with trio.open_nursery() as nursery:

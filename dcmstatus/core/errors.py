@@ -15,6 +15,7 @@ layer above an adapter ever imports a driver to handle its failures.
     ├── InstanceExists         a create named an id that is taken
     ├── InvalidInput           the database refused a value of a create
     ├── PublishError           `dcmstatus publish` could not publish
+    ├── RelayError             a round of change events was not published (it is retried)
     ├── ApiError               a terminal client got an error from the HTTP API
     └── UsageError             a command was given something it cannot use (exit 2)
 
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidInput",
     "PublishError",
     "StartupTimeout",
+    "RelayError",
     "StoreUnavailable",
     "UsageError",
 ]
@@ -90,6 +92,12 @@ class InvalidInput(DcmstatusError, ValueError):
 
 class PublishError(DcmstatusError):
     """`dcmstatus publish` could not reach NATS or the stream did not store the event."""
+
+
+class RelayError(DcmstatusError):
+    """The change relay could not publish a round of change events (NATS did
+    not acknowledge them all, or the leader's database connection went); the
+    changes wait in the outbox and are published again."""
 
 
 class ApiError(DcmstatusError):

@@ -194,6 +194,38 @@ class Metrics:
             registry=r,
         )
 
+        # The change relay (docs/changes.md#relay).
+        self.changes_outbox = Gauge(
+            "dcmstatus_changes_outbox_rows",
+            "Change rows not yet published on NATS (the outbox depth; 0 with --no-change-events)",
+            registry=r,
+        )
+        self.changes_oldest_unpublished = Gauge(
+            "dcmstatus_changes_oldest_unpublished_age_seconds",
+            "Age of the oldest change row not yet published; 0 when none waits",
+            registry=r,
+        )
+        self.changes_publish_lag = BulkHistogram(
+            "dcmstatus_changes_publish_lag_seconds",
+            "Commit of a change to its JetStream publish ack, per change published by this replica",
+            LAG_BUCKETS,
+            r,
+        )
+        self.changes_published = Counter(
+            "dcmstatus_changes_published_total", "Change events published and acknowledged by JetStream", registry=r
+        )
+        self.changes_publish_errors = Counter(
+            "dcmstatus_changes_publish_errors_total",
+            "Failed relay rounds (NATS or the database); their changes wait and are published again",
+            registry=r,
+        )
+        self.changes_relay_leader = Gauge(
+            "dcmstatus_changes_relay_leader", "1 while this replica is the relay leader, else 0", registry=r
+        )
+        self.changes_pruned = Counter(
+            "dcmstatus_changes_pruned_total", "Change rows deleted by retention (--changes-retention)", registry=r
+        )
+
     def observe_batch(self, batch: WriteBatch[Any], result: BatchResult, committed_at: datetime | None = None) -> None:
         """Record the event lag of a committed batch: `committed_at` (default:
         now) minus each update's event time, in seconds, for the updates that
