@@ -42,7 +42,7 @@ from dcmstatus.adapters.http.page_tokens import load_or_create_secret
 from dcmstatus.adapters.nats.changes import ChangePublisher, ChangeStreamSettings
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
-from dcmstatus.adapters.postgres.conninfo import check_conninfo
+from dcmstatus.adapters.postgres.conninfo import check_conninfo, with_defaults
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.outbox import ChangeHousekeeping, ChangeListener, ChangeOutbox
 from dcmstatus.adapters.postgres.schema import migrate
@@ -128,33 +128,34 @@ class Service:
         # answer 503 promptly, not hold a worker thread for the pool's default
         # 30 s; keepalives and a statement timeout bound a database that stops
         # answering mid-request.
+        # (Our connection parameters are defaults under the URL's: pool
+        # kwargs would override what the operator wrote in it.)
         self.api_pool = psycopg_pool.ConnectionPool(
-            database_url,
+            with_defaults(
+                database_url,
+                application_name="dcmstatus-api",
+                connect_timeout=2,
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            ),
             min_size=1,
             max_size=4,
             open=False,
             timeout=2.0,
             configure=_configure_api_connection,
-            kwargs={
-                "application_name": "dcmstatus-api",
-                "connect_timeout": 2,
-                "keepalives": 1,
-                "keepalives_idle": 10,
-                "keepalives_interval": 5,
-                "keepalives_count": 3,
-            },
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
         # The watch streams read through a pool of their own, so that many
         # streams waking at once never starve the rest of the API.
         self.watch_pool = psycopg_pool.ConnectionPool(
-            database_url,
+            with_defaults(database_url, application_name="dcmstatus-watch", connect_timeout=2, keepalives=1),
             min_size=1,
             max_size=2,
             open=False,
             timeout=5.0,
             configure=_configure_api_connection,
-            kwargs={"application_name": "dcmstatus-watch", "connect_timeout": 2, "keepalives": 1},
         )
         self.changes = ChangeStore(self.watch_pool)
         self.notifier = ChangeNotifier(database_url)

@@ -36,8 +36,14 @@ async def test_one_leader_at_a_time_and_the_lock_goes_with_the_connection(url):
         assert await a.lead() and a.leading
         assert not await b.lead() and not b.leading
         assert await a.lead()  # held already
+        backend = a._conn.info.backend_pid
         a.close()  # the leader's connection ends: so does its lock
         assert not a.leading
+        # The server releases the lock when that backend exits, a moment
+        # after the client closed: wait for the exit, not for a time.
+        with trio.fail_after(10):
+            while sql(url, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (backend,)):
+                await trio.sleep(0.02)
         assert await b.lead()
     finally:
         a.close()

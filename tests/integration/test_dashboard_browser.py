@@ -2,8 +2,9 @@
 by a real `dcmstatus serve` process over real NATS and PostgreSQL.
 
 Without chromium and chromedriver the whole module skips with one line
-saying how to get them. The live stream route is not part of this service
-yet, so the page runs in its polling mode here (docs/dashboard.md#live-updates).
+saying how to get them. The page follows GET /api/v1/status-changes as an
+event stream (its live mode, docs/dashboard.md#live-updates): the tests check
+it is live, not polling, so a change shows without the polling fallback.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from test_service import Running, publish, start_service  # noqa: E402
 
 TOKEN = "dashboard-test-token"
-WAIT = 30  # seconds a condition may take to show (polling runs every 3 s)
+WAIT = 30  # seconds a condition may take to show (a bound only: live changes show at once)
 
 
 def _chrome(user_data_dir: Path) -> webdriver.Chrome:
@@ -97,13 +98,25 @@ def row_cells(driver, instance: str) -> list[str] | None:
     return next((cells for cells in table_rows(driver) if cells[0] == instance), None)
 
 
+def text_of(driver, element_id: str) -> str:
+    # In one script too: the counts table is rebuilt on every summary.
+    return driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.textContent : ''", element_id
+    )
+
+
+def connection_badge(driver) -> str:
+    return text_of(driver, "connection")
+
+
 def shown_ids(driver) -> list[str]:
     return [cells[0] for cells in table_rows(driver) if len(cells) > 1]
 
 
 def test_a_row_turns_running_without_a_reload(service: Running, browser, tmp_path: Path):
     browser.get(service.http_url + "/")
-    wait(browser, lambda d: d.find_element(By.ID, "connection").text.startswith("polling"), "the polling badge")
+    # The page follows GET /api/v1/status-changes as an event stream, not by polling.
+    wait(browser, lambda d: connection_badge(d) == "live", "the live badge")
     browser.execute_script("window.__sameDocument = 'yes'")
 
     create(service, "vm1", name="web", provider_name="kubevirt")
@@ -118,8 +131,9 @@ def test_a_row_turns_running_without_a_reload(service: Running, browser, tmp_pat
         "return [...document.querySelectorAll('#instances tbody tr.flash td.id')].map(td => td.textContent)"
     ) == ["vm1"]
     # Counts follow, and the page was never reloaded.
-    wait(browser, lambda d: "RUNNING" in d.find_element(By.ID, "counts").text, "the counts to show RUNNING")
+    wait(browser, lambda d: "RUNNING" in text_of(d, "counts"), "the counts to show RUNNING")
     assert browser.execute_script("return window.__sameDocument") == "yes"
+    assert connection_badge(browser) == "live", "the page fell back to polling"
     assert browser.find_element(By.ID, "health-state").text == "ok"
     browser.save_screenshot(str(tmp_path / "dashboard.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 0
@@ -169,6 +183,9 @@ def test_token_sign_in_keeps_the_token_in_an_httponly_cookie(token_service: Runn
     field.send_keys(TOKEN + Keys.ENTER)
     wait(browser, lambda d: d.find_elements(By.ID, "dashboard"), "the dashboard")
     wait(browser, lambda d: d.find_element(By.ID, "health-state").text == "ok", "health")
+    # The event stream is read with the cookie too (an EventSource sends no
+    # Authorization header): the page is live, not polling.
+    wait(browser, lambda d: connection_badge(d) == "live", "the live badge")
     (cookie,) = browser.get_cookies()
     assert cookie["name"] == "dcmstatus_session"
     assert cookie["httpOnly"] is True

@@ -42,8 +42,12 @@ def refusing_db(database_url):
     """A database whose trigger refuses status FAILED for vm1."""
     migrate(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
+        # Created before the events (T0): the predecessor guard ignores events
+        # dated before a row's creation minus the clock skew.
         conn.execute(
-            "INSERT INTO service_type_instances (instance_id, service_type) VALUES ('vm1', 'vm'), ('vm2', 'vm')"
+            "INSERT INTO service_type_instances (instance_id, service_type, created_at)"
+            " VALUES ('vm1', 'vm', %s), ('vm2', 'vm', %s)",
+            (T0, T0),
         )
         conn.execute(
             """CREATE FUNCTION refuse_failed() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -97,7 +101,12 @@ def test_close_while_a_statement_runs_cancels_it_and_the_owner_closes_the_connec
     not pull the connection from under it."""
     migrate(database_url)
     with psycopg.connect(database_url, autocommit=True) as setup:
-        setup.execute("INSERT INTO service_type_instances (instance_id, service_type) VALUES ('vm1', 'vm')")
+        # Created at T0, so the event (dated T0) passes the predecessor guard
+        # and the UPDATE really reaches the row and waits for its lock.
+        setup.execute(
+            "INSERT INTO service_type_instances (instance_id, service_type, created_at) VALUES ('vm1', 'vm', %s)",
+            (T0,),
+        )
     store = StatusStore(database_url)
     builder = BatchBuilder(1)
     builder.add(StatusUpdate("vm1", "vm", "RUNNING", "", "test", None, T0, 1), "tok")
@@ -116,9 +125,11 @@ def test_close_while_a_statement_runs_cancels_it_and_the_owner_closes_the_connec
         writer.start()
         with psycopg.connect(database_url, autocommit=True) as watcher:
             deadline = 200
+            # A row lock: waiting on the locker's transaction (or the tuple),
+            # not on the status_changes advisory lock, which nobody holds here.
             while not watcher.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dcmstatus-writer'"
-                " AND wait_event_type = 'Lock'"
+                " AND wait_event_type = 'Lock' AND wait_event IN ('transactionid', 'tuple')"
             ).fetchone()[0]:
                 deadline -= 1
                 assert deadline, "the writer never blocked on the row lock"
@@ -143,7 +154,7 @@ def test_the_api_pool_bounds_every_statement_and_keeps_tcp_alive(database_url):
     from dcmstatus.service import Service
 
     config = ServeConfig(nats_url="nats://127.0.0.1:4222", database_url=database_url)
-    service = Service(config, config.nats_url, database_url, Catalog.default())
+    service = Service(config, config.nats_url, database_url, Catalog.default(), b"test page-token secret")
     service.api_pool.open(wait=True)
     try:
         with service.api_pool.connection() as conn:

@@ -24,6 +24,7 @@ import trio
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from dcmstatus.adapters.postgres.conninfo import with_defaults
 from dcmstatus.adapters.postgres.instances import _UNAVAILABLE, _first_line, _raw, _utc, _where
 from dcmstatus.core.errors import StoreUnavailable
 
@@ -200,7 +201,9 @@ class ChangeNotifier:
                     await trio.to_thread.run_sync(conn.close)
 
     def _connect(self) -> psycopg.Connection:
-        conn = psycopg.connect(self._conninfo, autocommit=True, connect_timeout=5, application_name="dcmstatus-listen")
+        conn = psycopg.connect(
+            with_defaults(self._conninfo, connect_timeout=5, application_name="dcmstatus-listen"), autocommit=True
+        )
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL)))
         return conn
 

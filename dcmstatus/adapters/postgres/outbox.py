@@ -17,6 +17,7 @@ from functools import partial
 import psycopg
 import trio
 
+from dcmstatus.adapters.postgres.conninfo import with_defaults
 from dcmstatus.core.changes import PendingChange
 
 log = logging.getLogger(__name__)
@@ -78,18 +79,27 @@ DELETE FROM status_changes WHERE change_id IN (SELECT change_id FROM doomed)
 
 
 def _connect(conninfo: str, application_name: str) -> psycopg.Connection:
-    return psycopg.connect(
-        conninfo,
+    conn = psycopg.connect(
+        with_defaults(
+            conninfo,
+            connect_timeout=5,
+            application_name=application_name,
+            # A dead peer must surface as an error (and end the leadership), not a hang.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        ),
         autocommit=True,
-        connect_timeout=5,
-        application_name=application_name,
-        options="-c TimeZone=UTC",
-        # A dead peer must surface as an error (and end the leadership), not a hang.
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
     )
+    # UTC for the CloudEvent times, set in the session rather than through
+    # `options`, which would replace the URL's own.
+    try:
+        conn.execute("SET TimeZone = 'UTC'")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class _Connected:

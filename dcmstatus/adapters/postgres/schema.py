@@ -11,6 +11,8 @@ from importlib import resources
 
 import psycopg
 
+from dcmstatus.adapters.postgres.conninfo import with_defaults
+
 log = logging.getLogger(__name__)
 
 # Any constant works; it only has to be the same in every replica.
@@ -28,7 +30,7 @@ def migrate(conninfo: str) -> list[str]:
     """Apply the missing migrations; return the versions applied now."""
     applied_now: list[str] = []
     # connect_timeout: an unreachable server is an error to retry, not a hang.
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(with_defaults(conninfo, connect_timeout=10), autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
             conn.execute(

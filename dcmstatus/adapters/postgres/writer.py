@@ -24,6 +24,7 @@ import psycopg
 import psycopg.errors
 import trio
 
+from dcmstatus.adapters.postgres.conninfo import with_defaults
 from dcmstatus.core.batching import WriteBatch
 from dcmstatus.core.errors import BatchRefused, StoreUnavailable
 from dcmstatus.core.model import BatchResult, StatusUpdate
@@ -272,14 +273,16 @@ class StatusStore:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = psycopg.connect(
-                self._conninfo,
-                connect_timeout=5,
-                application_name="dcmstatus-writer",
-                # A dead peer must surface as an error, not a hang.
-                keepalives=1,
-                keepalives_idle=10,
-                keepalives_interval=5,
-                keepalives_count=3,
+                with_defaults(
+                    self._conninfo,
+                    connect_timeout=5,
+                    application_name="dcmstatus-writer",
+                    # A dead peer must surface as an error, not a hang.
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                )
             )
         return self._conn
 
