@@ -487,12 +487,11 @@ class Bench:
         changes_part = self.drain("duplicate cost: real changes", changes)
         # The same events, re-published: every one repeats the status already stored.
         dup_db = self.servers.fresh_database(changes)
-        with psycopg.connect(dup_db, autocommit=True) as conn:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "UPDATE service_type_instances SET status = %s WHERE instance_id = %s",
-                    list((s, i) for i, s in changes.expected.items()),
-                )
+        with psycopg.connect(dup_db, autocommit=True) as conn, conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE service_type_instances SET status = %s WHERE instance_id = %s",
+                list((s, i) for i, s in changes.expected.items()),
+            )
         dups = Workload(changes.instances, [], changes.expected)
         decoder = Decoder(Catalog.default())
         for seq, (subject, body) in enumerate(changes.messages, 1):
