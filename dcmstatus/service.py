@@ -161,8 +161,11 @@ class Service:
         self.notifier = ChangeNotifier(database_url)
         self.housekeeping = ChangeHousekeeping(database_url)
         self.relay: Relay | None = None
+        # The relay's adapters as what they are: the relay sees them through its
+        # protocols, which know nothing of closing; the service closes them.
+        self._relay_adapters: tuple[ChangeOutbox, ChangeListener, ChangePublisher] | None = None
         if not config.no_change_events:
-            self.relay = Relay(
+            self._relay_adapters = (
                 ChangeOutbox(database_url, source=config.changes_source),
                 ChangeListener(database_url),
                 ChangePublisher(
@@ -173,9 +176,8 @@ class Service:
                         max_age=config.changes_retention,
                     )
                 ),
-                self.metrics,
-                RelaySettings(),
             )
+            self.relay = Relay(*self._relay_adapters, self.metrics, RelaySettings())
         self._changes = trio.CancelScope()  # the relay and the housekeeping
         self.http_url = ""
         self.ready = False  # consuming: start-up is over
@@ -290,7 +292,11 @@ class Service:
         hconfig.errorlog = logging.getLogger("hypercorn.error")
         hconfig.graceful_timeout = 2
         try:
-            binds = await nursery.start(partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait))
+            # type: ignore: hypercorn's ASGIFramework (TypedDict scopes and events) does not
+            # accept Starlette's (MutableMapping) __call__, though the two speak the same ASGI.
+            binds = await nursery.start(
+                partial(hypercorn_serve, app, hconfig, shutdown_trigger=http_stop.wait)  # type: ignore[arg-type]
+            )
         except Exception as exc:
             bind_error = _bind_error(exc)
             if bind_error is None:
@@ -379,13 +385,13 @@ class Service:
         closes its own connection when the statement ends (StatusStore.close)."""
         self.notifier.close()
         self._changes.cancel()
-        if self.relay is not None:
+        closers: list[Callable[[], None]] = [self.housekeeping.close]
+        if self._relay_adapters is not None:
+            outbox, listener, publisher = self._relay_adapters
             with trio.move_on_after(2):
-                await self.relay.publisher.close()
-        closers = [self.housekeeping.close]
-        if self.relay is not None:
+                await publisher.close()
             # Closing the outbox's connection ends the leadership: a standby takes over.
-            closers += [self.relay.outbox.close, self.relay.listener.close]
+            closers += [outbox.close, listener.close]
         closers += [partial(self.api_pool.close, timeout=1.0), partial(self.watch_pool.close, timeout=1.0)]
         closers += [partial(store.close, cancel_timeout=_CLOSE_DEADLINE) for store in self.writer_stores]
         with trio.move_on_after(_CLOSE_DEADLINE + 0.5) as scope:
@@ -424,9 +430,12 @@ async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(asyncio_exception_handler)
             async with AsyncExitStack() as stack:
-                nats_url, database_url = config.nats_url, config.database_url
                 if config.embedded:
                     nats_url, database_url = await _start_embedded(config, stack)
+                else:
+                    # ServeConfig.validate: both URLs given, or neither (embedded).
+                    assert config.nats_url is not None and config.database_url is not None
+                    nats_url, database_url = config.nats_url, config.database_url
                 service = Service(config, nats_url, database_url, catalog, secret)
                 # runtime.json describes a running service: it goes when we go.
                 stack.callback((Path(config.data_dir) / "runtime.json").unlink, missing_ok=True)
@@ -472,8 +481,8 @@ async def _start_embedded(config: ServeConfig, stack: AsyncExitStack) -> tuple[s
     nats_server = EmbeddedNats(data_dir, port=config.nats_port)
     postgres = EmbeddedPostgres(data_dir)
     # Stop callbacks are registered before start, so a failed start still cleans up.
-    stack.push_async_callback(trio.to_thread.run_sync, nats_server.stop)
-    stack.push_async_callback(trio.to_thread.run_sync, postgres.stop)
+    stack.push_async_callback(partial(trio.to_thread.run_sync, nats_server.stop))
+    stack.push_async_callback(partial(trio.to_thread.run_sync, postgres.stop))
     nats_url, database_url = await _gather_sync(nats_server.start, postgres.start)
     return nats_url, database_url
 

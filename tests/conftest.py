@@ -1,4 +1,4 @@
-import trio_asyncio  # noqa: F401  # isort: skip  # first: it patches asyncio before psycopg binds it (docs/architecture.md#import-order)
+import trio_asyncio  # isort: skip  # first: it patches asyncio before psycopg binds it (docs/architecture.md#import-order)
 
 # Shared fixtures: real PostgreSQL and nats-server for the tests.
 #

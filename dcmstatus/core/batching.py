@@ -71,13 +71,13 @@ class WriteBatch(Generic[Token]):
         half counts exactly its own."""
         events: list[StatusUpdate | Rejection] = [*self.updates, *self.rejections]
         middle = len(events) // 2
-        parts = []
+        parts: list[WriteBatch[Token]] = []
         for part in (events[:middle], events[middle:]):
-            updates = [e for e in part if type(e) is StatusUpdate]
-            rejections = [e for e in part if type(e) is not StatusUpdate]
-            older = {_key(u): self.older[_key(u)] for u in updates if _key(u) in self.older}  # type: ignore[arg-type]
+            updates = [e for e in part if isinstance(e, StatusUpdate)]
+            rejections = [e for e in part if isinstance(e, Rejection)]
+            older = {_key(u): self.older[_key(u)] for u in updates if _key(u) in self.older}
             superseded = sum(map(len, older.values()))
-            parts.append(WriteBatch(self.shard, updates, rejections, [], superseded, older))  # type: ignore[arg-type]
+            parts.append(WriteBatch(self.shard, updates, rejections, [], superseded, older))
         return parts[0], parts[1]
 
     def rejection_counts(self) -> Counter[str]:

@@ -36,8 +36,8 @@ __all__ = [
     "InstanceExists",
     "InvalidInput",
     "PublishError",
-    "StartupTimeout",
     "RelayError",
+    "StartupTimeout",
     "StoreUnavailable",
     "UsageError",
 ]

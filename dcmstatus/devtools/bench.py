@@ -108,7 +108,9 @@ def make_workload(events: int, instances: int, duplicate_ratio: float, seed: int
         else:
             status = rng.choice([s for s in statuses if s != previous])
         last[instance] = status
-        expected[instance] = catalog.canonical_status(service_type, status)
+        canonical = catalog.canonical_status(service_type, status)
+        assert canonical is not None, f"{status!r} is one of the {service_type} statuses"
+        expected[instance] = canonical
         messages.append((f"{PREFIX}.{service_type}", _body(service_type, instance, status, source, n)))
     return Workload(ids, messages, expected)
 
@@ -458,7 +460,7 @@ class Bench:
         tick = 0.005
         per_tick = max(1, int(rate * tick))
         start = time.monotonic()
-        statuses = {}
+        statuses: dict[str, int] = {}  # instance -> index of its last status in its choices
         for i in range(total):
             if i % per_tick == 0:
                 await nc.flush()
@@ -485,12 +487,11 @@ class Bench:
         changes_part = self.drain("duplicate cost: real changes", changes)
         # The same events, re-published: every one repeats the status already stored.
         dup_db = self.servers.fresh_database(changes)
-        with psycopg.connect(dup_db, autocommit=True) as conn:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "UPDATE service_type_instances SET status = %s WHERE instance_id = %s",
-                    list((s, i) for i, s in changes.expected.items()),
-                )
+        with psycopg.connect(dup_db, autocommit=True) as conn, conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE service_type_instances SET status = %s WHERE instance_id = %s",
+                list((s, i) for i, s in changes.expected.items()),
+            )
         dups = Workload(changes.instances, [], changes.expected)
         decoder = Decoder(Catalog.default())
         for seq, (subject, body) in enumerate(changes.messages, 1):

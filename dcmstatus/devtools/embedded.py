@@ -525,7 +525,6 @@ def _unprivileged_user() -> tuple[str, int, int]:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except OSError as e:
-            r = None
             err = str(e)
         else:
             err = r.stderr.strip()

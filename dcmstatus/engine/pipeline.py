@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -69,7 +69,7 @@ class Pipeline:
         self,
         decode: Decode,
         source: Source,
-        stores: list[Store],
+        stores: Sequence[Store],  # one per writer
         metrics: Metrics,
         settings: PipelineSettings = PipelineSettings(),
         events: EventLog | None = None,

@@ -8,6 +8,7 @@ The asyncio-side methods of JetStreamSource only await the connection's
 
 from __future__ import annotations
 
+import itertools
 import random
 from types import SimpleNamespace
 
@@ -94,7 +95,7 @@ async def test_deliveries_use_credit_and_acks_return_it():
 
 
 async def test_request_timeouts_and_refusals_return_their_unfilled_credit():
-    source, nc, _ = make_source(max_in_flight=1000, pull_batch=100)
+    source, _nc, _ = make_source(max_in_flight=1000, pull_batch=100)
     await source._refill()
     for seq in range(1, 41):  # the oldest request got 40 of its 100
         await source._on_message(message(seq))
@@ -183,7 +184,7 @@ async def test_initial_connect_backs_off_exponentially_up_to_5s(monkeypatch, aut
     monkeypatch.setattr(nats_source.trio_asyncio, "aio_as_trio", lambda f: f)
     source = JetStreamSource(NatsSettings(url="nats://nowhere"), Metrics())
     await source._connect()
-    gaps = [round(b - a, 6) for a, b in zip(attempts, attempts[1:])]
+    gaps = [round(b - a, 6) for a, b in itertools.pairwise(attempts)]
     assert gaps == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     assert source._js == "js"
 
@@ -191,7 +192,7 @@ async def test_initial_connect_backs_off_exponentially_up_to_5s(monkeypatch, aut
 async def test_a_connection_lost_while_pulling_does_not_escape():
     """During a NATS restart nats-py's publish can raise ConnectionResetError
     ("Connection lost"); out of _refill it would stop the whole service."""
-    source, nc, receive = make_source(max_in_flight=1000, pull_batch=100)
+    source, nc, _receive = make_source(max_in_flight=1000, pull_batch=100)
 
     async def lost(*args, **kwargs):
         raise ConnectionResetError("Connection lost")

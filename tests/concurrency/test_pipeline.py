@@ -138,7 +138,7 @@ async def test_full_batches_go_at_once_and_the_rest_to_the_idle_writer(autojump_
 
 async def test_an_idle_writer_takes_a_partial_batch_at_once(autojump_clock):
     store = FakeStore()
-    pipeline, source, send, receive = make(PipelineSettings(max_batch=1000, max_delay=0.02, writers=1), [store])
+    pipeline, _source, send, receive = make(PipelineSettings(max_batch=1000, max_delay=0.02, writers=1), [store])
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         start = trio.current_time()
@@ -150,7 +150,7 @@ async def test_an_idle_writer_takes_a_partial_batch_at_once(autojump_clock):
 
 async def test_a_batch_fills_while_its_writer_commits_then_goes_when_it_is_free(autojump_clock):
     store = FakeStore(delay=1.0)
-    pipeline, source, send, receive = make(PipelineSettings(max_batch=100, max_delay=0.005, writers=1), [store])
+    pipeline, _source, send, receive = make(PipelineSettings(max_batch=100, max_delay=0.005, writers=1), [store])
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         start = trio.current_time()
@@ -245,7 +245,7 @@ async def test_failing_store_pauses_intake_retries_with_backoff_and_loses_nothin
 async def test_backoff_schedule_is_exact(autojump_clock):
     store = FakeStore(failures=5)
     settings = PipelineSettings(max_batch=10, max_delay=0.0001, writers=1, retry_initial=0.1, retry_max=0.5)
-    pipeline, source, send, receive = make(settings, [store])
+    pipeline, _source, send, receive = make(settings, [store])
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         start = trio.current_time()
@@ -330,7 +330,7 @@ async def test_a_poison_event_is_isolated_and_dead_lettered_and_the_rest_commits
 async def test_transient_errors_never_dead_letter(autojump_clock):
     store = FakeStore(failures=20)
     settings = PipelineSettings(max_batch=10, max_delay=0.1, writers=1, retry_initial=0.1, retry_max=0.2)
-    pipeline, source, send, receive = make(settings, [store])
+    pipeline, _source, send, receive = make(settings, [store])
     async with trio.open_nursery() as nursery:
         await nursery.start(pipeline.run, receive)
         send.send_nowait(delivery(1, b"a:RUNNING:1"))

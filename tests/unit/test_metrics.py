@@ -39,7 +39,10 @@ def test_event_lag_histogram_counts_known_instances_per_bucket():
     metrics.observe_batch(batch, BatchResult(applied=6, stale=0, unknown=("gone",)), COMMIT)
 
     s = _samples(metrics, "dcmstatus_event_lag_seconds")
-    bucket = lambda le: s[("dcmstatus_event_lag_seconds_bucket", (("le", le),))]
+
+    def bucket(le: str) -> float:
+        return s[("dcmstatus_event_lag_seconds_bucket", (("le", le),))]
+
     assert bucket("0.005") == 2  # bounds are upper bounds (le)
     assert bucket("0.25") == 2
     assert bucket("0.5") == 3

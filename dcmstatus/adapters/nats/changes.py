@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats
@@ -30,6 +31,9 @@ import trio_asyncio
 from nats.js.api import StorageType
 
 from dcmstatus.core.changes import PendingChange, change_subject
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class ChangePublisher:
     def __init__(self, settings: ChangeStreamSettings) -> None:
         self.settings = settings
         self._nc: nats.NATS | None = None
-        self._js = None
+        self._js: JetStreamContext | None = None  # set with _nc, before any use
         self._stream_ready = False
         self._inbox = ""
         # The window in flight: change id (as text) -> stored?, and what is still unanswered.
@@ -109,7 +113,7 @@ class ChangePublisher:
         """Take the acks for our inbox straight from nats-py's parser (see the
         consumer's fast path in adapters/nats/source.py); replies with headers
         (no responders, other status messages) keep the normal path."""
-        nc = self._nc
+        nc: Any = self._nc  # nats-py's private API: untyped, checked below as internals.py does
         original = nc._process_msg
         try:
             params = list(inspect.signature(original).parameters)
@@ -130,6 +134,7 @@ class ChangePublisher:
 
     async def _ensure_stream(self) -> None:
         """Bind to the changes stream as it is, or create it with bounded retention."""
+        assert self._js is not None, "connected first"
         s = self.settings
         subjects = f"{s.subject_prefix}.>"
         try:

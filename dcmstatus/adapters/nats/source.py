@@ -32,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats
@@ -53,6 +53,10 @@ from dcmstatus.core.stall import StallWatch, Verdict
 from dcmstatus.engine.logs import EventLog
 from dcmstatus.engine.metrics import Metrics
 from dcmstatus.engine.startup import Startup
+
+if TYPE_CHECKING:
+    from nats.aio.subscription import Subscription
+    from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +91,8 @@ class JetStreamSource:
         # The supervisor's start-up policy; alone, the source waits for NATS forever.
         self._startup = startup or Startup(0)
         self._nc: nats.NATS | None = None
-        self._js = None
-        self._sub = None
+        self._js: JetStreamContext | None = None  # set with _nc, before any use
+        self._sub: Subscription | None = None
         self._inbox = ""
         self.stream = settings.stream  # the stream bound to at start-up (see _ensure_stream)
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{settings.stream}.{settings.durable}"
@@ -292,6 +296,7 @@ class JetStreamSource:
         used as it is (docs/dcm.md#stream). Only when there is none is
         `settings.stream` created, with a retention bound.
         """
+        assert self._js is not None, "connected first"
         s = self.settings
         info = None
         try:
@@ -313,6 +318,7 @@ class JetStreamSource:
             self._bind(s.stream)
             return
         config = info.config
+        assert config.name is not None, "a stream's info names it (nats-py types the request's config)"
         self._bind(config.name)
         if s.subjects not in (config.subjects or []):
             log.warning(
@@ -342,6 +348,7 @@ class JetStreamSource:
         )
 
     async def _ensure_consumer(self) -> None:
+        assert self._js is not None, "connected first"
         s = self.settings
         wanted = self._consumer_config()
         try:
@@ -364,6 +371,7 @@ class JetStreamSource:
     async def _check_consumer(self) -> None:
         s = self.settings
         try:
+            assert self._js is not None, "connected first"
             info = await self._js.consumer_info(self.stream, s.durable, timeout=2)
             self.consumer_ok = True
             self._metrics.observe_consumer(info)
@@ -382,6 +390,7 @@ class JetStreamSource:
             log.debug("consumer check failed: %s", exc)
 
     async def _subscribe(self) -> None:
+        assert self._nc is not None, "connected first"
         self._inbox = self._nc.new_inbox()
         # Credit bounds what can be pending here, so nats-py's slow-consumer
         # limits (which drop messages) are never the ones that bite.
@@ -489,6 +498,7 @@ class JetStreamSource:
     def _deliver(self, delivery: Delivery) -> None:
         if self._intake_closed:
             return  # stopping: unacked, so NATS redelivers it
+        assert self._deliveries is not None, "run() set it before subscribing"
         self._deliveries.send_nowait(delivery)  # first: if it fails, nothing was counted
         self._in_flight += 1
         self._received += 1
@@ -573,7 +583,7 @@ class JetStreamSource:
     async def _ack_and_refill(self, tokens: list[str]) -> None:
         nc = self._nc
         try:
-            if nc.is_closed:
+            if nc is None or nc.is_closed:
                 raise nats.errors.ConnectionClosedError
             if tokens:
                 await self._send_acks(nc, tokens)
@@ -626,7 +636,7 @@ class JetStreamSource:
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
-        log.info("reconnected to NATS at %s", redact_url(self._nc.connected_url.geturl()) if self._nc.connected_url else "?")
+        log.info("reconnected to NATS at %s", redact_url(self._nc.connected_url.geturl()) if self._nc and self._nc.connected_url else "?")
         # The pull requests stay counted. They are the consumer's state on the
         # server, which may still serve them to our inbox (re-subscribed under
         # the same name): after a blip the server may not even have noticed.

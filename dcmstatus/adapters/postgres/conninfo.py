@@ -20,7 +20,7 @@ def check_conninfo(conninfo: str) -> None:
             raise ValueError(f"invalid port {port!r}")
 
 
-def with_defaults(conninfo: str, **defaults: object) -> str:
+def with_defaults(conninfo: str, **defaults: str | int | None) -> str:
     """`conninfo` with `defaults` for the parameters it does not set.
 
     psycopg's keyword arguments override the connection string's, so a

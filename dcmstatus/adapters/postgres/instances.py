@@ -19,6 +19,7 @@ would also fail on deeply nested documents).
 from __future__ import annotations
 
 import base64
+import builtins  # annotations in the class body: its list() method shadows the type
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -266,7 +267,7 @@ class InstanceStore:
 
     async def rejected(
         self, reason: str | None = None, page_size: int = 50, before_id: int | None = None
-    ) -> tuple[list[RejectedEvent], int | None]:
+    ) -> tuple[builtins.list[RejectedEvent], int | None]:
         """One page of dead letters, newest first, and the id to continue
         before (None on the last page)."""
         return await self._run(self._rejected, reason, page_size, before_id)
@@ -324,7 +325,7 @@ class InstanceStore:
 
     def _list(
         self, filters: dict[str, str | None], page_size: int, after_id: str | None, id_prefix: str | None
-    ) -> tuple[list[Instance], str | None]:
+    ) -> tuple[builtins.list[Instance], str | None]:
         # Only the conditions in use appear in the statement: "(%s IS NULL OR
         # col = %s)" would defeat the indexes once psycopg prepares the query.
         conditions: list[sql.Composable] = []
@@ -353,7 +354,7 @@ class InstanceStore:
 
     def _rejected(
         self, reason: str | None, page_size: int, before_id: int | None
-    ) -> tuple[list[RejectedEvent], int | None]:
+    ) -> tuple[builtins.list[RejectedEvent], int | None]:
         conditions: list[sql.Composable] = []
         params: list[Any] = []
         if reason is not None:
@@ -385,7 +386,9 @@ class InstanceStore:
                 " GROUP BY reason ORDER BY count(*) DESC, reason",
                 (rejected_window_seconds,),
             ).fetchall()
-            (last,) = conn.execute("SELECT coalesce(max(change_id), 0) FROM status_changes").fetchone()
+            row = conn.execute("SELECT coalesce(max(change_id), 0) FROM status_changes").fetchone()
+            assert row is not None, "an aggregate without GROUP BY returns one row"
+            (last,) = row
         return Summary(
             [StatusCount(*row) for row in counts],
             [ReasonCount(*row) for row in reasons],

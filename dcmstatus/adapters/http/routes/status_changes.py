@@ -154,12 +154,13 @@ class StatusChangeRoutes:
     async def follow(self, send: Send, position: int, service_type: str | None, instance_id: str | None) -> None:
         """Send changes after `position` as they are committed, until shutdown."""
 
+        last_write = 0.0
+
         async def write(data: bytes) -> None:
             nonlocal last_write
             await send({"type": "http.response.body", "body": data, "more_body": True})
             last_write = trio.current_time()
 
-        last_write = 0.0
         # The position first, as an id without data: an EventSource dispatches
         # nothing but remembers it, so a reconnect before the first change
         # still resumes here, not at a later present.
