@@ -182,7 +182,10 @@ def test_a_client_that_does_not_read_holds_no_growing_buffer_in_the_server(tmp_p
     grown = _rss_bytes(service.proc.pid) - before
     produced = rows * rounds * message_bytes
     try:
-        assert grown < produced / 4, f"the server grew by {grown} bytes while {produced} bytes of changes went out"
+        # A buffer per client would hold all of it (an unbounded one grew
+        # ~176 MB here); RSS also moves with the allocator and with what the
+        # reading follower's pages left behind (4-27 MB seen on a loaded machine).
+        assert grown < produced / 2, f"the server grew by {grown} bytes while {produced} bytes of changes went out"
     finally:
         stalled.close()
         assert service.stop() == 0
