@@ -412,6 +412,21 @@ def hpub_frame(subject: bytes, header_block: bytes, body: bytes) -> bytes:
     return b"HPUB " + subject + sizes + header_block + body + b"\r\n"
 
 
+def connect_frame(url: str) -> bytes:
+    """The CONNECT line of a raw-socket client, with the credentials the URL
+    carries as nats-py reads them: nats://TOKEN@host (the embedded server's
+    token) as auth_token, nats://USER:PASS@host as user and pass."""
+    from urllib.parse import unquote, urlsplit
+
+    address = urlsplit(url)
+    options: dict[str, object] = {"verbose": False, "pedantic": False, "headers": True, "protocol": 1}
+    if address.username and address.password is not None:
+        options.update(user=unquote(address.username), **{"pass": unquote(address.password)})
+    elif address.username:
+        options["auth_token"] = unquote(address.username)
+    return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
+
+
 def publish_frames(url: str, frames: list[bytes], *, chunk: int = 1000) -> None:
     """Write hand-made protocol frames to nats-server over a raw TCP socket:
     what no client library sends (subjects that are not UTF-8, broken header
@@ -423,7 +438,7 @@ def publish_frames(url: str, frames: list[bytes], *, chunk: int = 1000) -> None:
     with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
         reader = sock.makefile("rb")
         reader.readline()  # INFO
-        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n')
+        sock.sendall(connect_frame(url))
         for start in range(0, len(frames), chunk):
             sock.sendall(b"".join(frames[start : start + chunk]) + b"PING\r\n")
             while not (line := reader.readline()).startswith(b"PONG"):

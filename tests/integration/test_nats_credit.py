@@ -5,6 +5,8 @@ requests, and serves them to the re-subscribed inbox)."""
 
 import trio_asyncio  # isort: skip
 
+from urllib.parse import urlsplit
+
 import nats
 import pytest
 import trio
@@ -77,10 +79,12 @@ async def test_in_flight_stays_within_the_credit_across_a_reconnect(nats_server,
         loop.set_exception_handler(asyncio_exception_handler)
         async with trio.open_nursery() as outer:
             url = nats_server.url
-            proxy = HalfOpenProxy(int(url.rsplit(":", 1)[1]))
+            address = urlsplit(url)
+            proxy = HalfOpenProxy(address.port)
             if fault == "client side cut":
                 await outer.start(proxy.serve)
-                url = f"nats://127.0.0.1:{proxy.port}"
+                # Through the proxy, with the server's token (it admits no one without).
+                url = address._replace(netloc=f"{address.username}@127.0.0.1:{proxy.port}").geturl()
             settings = NatsSettings(url=url, max_in_flight=MAX_IN_FLIGHT, max_ack_pending=2 * MAX_IN_FLIGHT, pull_batch=50)
             metrics = Metrics()
             source = JetStreamSource(settings, metrics)

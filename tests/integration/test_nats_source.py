@@ -4,8 +4,9 @@ consumer deleted behind its back."""
 
 import trio_asyncio  # isort: skip
 
+import json
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import nats
 import trio
@@ -127,6 +128,19 @@ async def test_recreates_a_consumer_deleted_on_the_server(nats_url, fast_path):
 # ---------------------------------------------------------------- raw frames
 
 
+def connect_frame(url: str) -> bytes:
+    """CONNECT with the credentials the URL carries, as nats-py reads them:
+    the embedded server's nats://TOKEN@host as auth_token, USER:PASS as
+    user and pass."""
+    address = urlsplit(url)
+    options: dict[str, object] = {"verbose": False, "pedantic": False, "headers": True, "protocol": 1}
+    if address.username and address.password is not None:
+        options.update(user=unquote(address.username), **{"pass": unquote(address.password)})
+    elif address.username:
+        options["auth_token"] = unquote(address.username)
+    return b"CONNECT " + json.dumps(options).encode() + b"\r\n"
+
+
 def publish_frames(url: str, frames: list[bytes]) -> None:
     """Write hand-made protocol lines (PUB/HPUB) to nats-server over a raw
     TCP socket: what a client library would refuse to send. Returns once the
@@ -135,8 +149,7 @@ def publish_frames(url: str, frames: list[bytes]) -> None:
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
         reader = sock.makefile("rb")
         reader.readline()  # INFO
-        connect = b'CONNECT {"verbose":false,"pedantic":false,"headers":true,"protocol":1}\r\n'
-        sock.sendall(connect + b"".join(frames) + b"PING\r\n")
+        sock.sendall(connect_frame(url) + b"".join(frames) + b"PING\r\n")
         while not (line := reader.readline()).startswith(b"PONG"):
             assert line and not line.startswith(b"-ERR"), line
 

@@ -22,7 +22,7 @@ from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.cli.publish import build_event, publish_event
 from dcmstatus.config import ServeConfig
 from dcmstatus.core.catalog import Catalog
-from dcmstatus.service import Service
+from dcmstatus.service import Service, page_token_secret
 
 INSTANCES = [f"vm-{n}" for n in range(20)]
 
@@ -57,10 +57,11 @@ async def test_a_subscription_lost_on_the_server_turns_health_stalled_and_intake
     )
     async with trio_asyncio.open_loop() as loop:
         loop.set_exception_handler(asyncio_exception_handler)
-        service = Service(config, nats_url, database_url, Catalog.default())
-        stopped = trio.Event()
+        service = Service(config, nats_url, database_url, Catalog.default(), page_token_secret(config))
+        consuming = trio.Event()
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(service.run, stopped=stopped))
+            nursery.start_soon(partial(service.run, ready=consuming.set))
+            await consuming.wait()
             base = service.http_url
 
             async def call(method: str, path: str, body: object | None = None) -> tuple[int, object]:
@@ -120,4 +121,4 @@ async def test_a_subscription_lost_on_the_server_turns_health_stalled_and_intake
             await until(healthy, "health 200 again")
             await until(all_in("STOPPED"), "the backlog applied")
             assert await trio.to_thread.run_sync(metric, base, "dcmstatus_consumer_stalled") == 0
-            stopped.set()
+            service.stop()

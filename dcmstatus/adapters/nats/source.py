@@ -484,7 +484,7 @@ class JetStreamSource:
         """A frame read carefully: a pull status, a delivery (maybe unreadable),
         or a drop. Returns whether a message was delivered."""
         if frame.status is not None:
-            self._on_status({"Status": frame.status, "Description": frame.description})
+            self._on_status({**(frame.headers or {}), "Status": frame.status, "Description": frame.description})
             return False
         if frame.ack is None:
             self._metrics.frames_dropped.inc()
@@ -522,15 +522,38 @@ class JetStreamSource:
     def _on_status(self, headers: dict[str, str]) -> None:
         status = headers.get("Status")
         if status in ("408", "409", "404"):
-            # The oldest request ended (expired, or the server refused it).
-            if self._requests:
+            description = headers.get("Description", "")
+            # A request ended (expired, fulfilled, or refused). Which one, the
+            # status does not say: the server serves its waiting requests in
+            # turn, while each message was counted off the oldest. What it
+            # left undelivered, it does say (Nats-Pending-Messages); a request
+            # fulfilled ("Batch Completed") left nothing, its messages were
+            # counted as they came. Un-counting the oldest request's remainder
+            # instead would free credit for messages still on their way.
+            pending = headers.get("Nats-Pending-Messages")
+            if pending is not None and pending.isdigit():
+                self._uncount(int(pending))
+            elif status == "409" and description == "Batch Completed":
+                pass
+            elif self._requests:
                 remaining, _ = self._requests.popleft()
                 self._requested -= int(remaining)
             if status == "409":
-                description = headers.get("Description", "")
                 log.info("pull request ended by the server: %s", description)
                 if "Deleted" in description:
                     self.consumer_ok = False
+
+    def _uncount(self, messages: int) -> None:
+        """Take `messages` the server will not deliver off the requests, oldest first."""
+        requests = self._requests
+        while messages > 0 and requests:
+            head = requests[0]
+            taken = min(messages, int(head[0]))
+            head[0] -= taken
+            self._requested -= taken
+            messages -= taken
+            if head[0] <= 0:
+                requests.popleft()
 
     def _room_for_a_pull(self) -> bool:
         # Checked per message: while the credit is used up (a backlog) this is
