@@ -19,9 +19,8 @@ JetStream within the duplicate window.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 import nats
@@ -30,6 +29,7 @@ import nats.js.errors
 import trio_asyncio
 from nats.js.api import StorageType
 
+from dcmstatus.adapters.nats import internals
 from dcmstatus.core.changes import PendingChange, change_subject
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class ChangePublisher:
         self._nc: nats.NATS | None = None
         self._js: JetStreamContext | None = None  # set with _nc, before any use
         self._stream_ready = False
+        self._raw = False  # internals.send_raw and the reply hook; set once connected
         self._inbox = ""
         # The window in flight: change id (as text) -> stored?, and what is still unanswered.
         self._expected: set[str] = set()
@@ -110,27 +111,18 @@ class ChangePublisher:
             self._stream_ready = True
 
     def _install_fast_path(self, sid: int) -> None:
-        """Take the acks for our inbox straight from nats-py's parser (see the
-        consumer's fast path in adapters/nats/source.py); replies with headers
-        (no responders, other status messages) keep the normal path."""
-        nc: Any = self._nc  # nats-py's private API: untyped, checked below as internals.py does
-        original = nc._process_msg
-        try:
-            params = list(inspect.signature(original).parameters)
-        except (TypeError, ValueError):
-            params = []
-        if params != ["sid", "subject", "reply", "data", "headers"]:
-            log.info("nats-py internals changed; change acks go through the subscription callback")
+        """Take the acks for our inbox straight from nats-py's parser, and
+        publish windows as raw protocol lines (adapters/nats/internals.py);
+        when nats-py's internals are not what that expects, publish and read
+        acks through the public API instead."""
+        problem = internals.raw_send_problem(self._nc)
+        if problem is not None:
+            log.warning("nats-py internals are not what dcmstatus expects (%s); change events go through the public API", problem)
+            self._raw = False
             return
         on_reply = self._on_reply
-
-        async def process_msg(msg_sid, subject, reply, data, headers):
-            if msg_sid != sid or headers:
-                await original(msg_sid, subject, reply, data, headers)
-                return
-            on_reply(subject.decode(), data, False)
-
-        nc._process_msg = process_msg
+        internals.install_reply_hook(self._nc, sid, lambda subject, data: on_reply(subject.decode(), data, False))
+        self._raw = True
 
     async def _ensure_stream(self) -> None:
         """Bind to the changes stream as it is, or create it with bounded retention."""
@@ -173,18 +165,25 @@ class ChangePublisher:
             self._results = {}
             self._unanswered = len(self._expected)
             self._answered.clear()
-            commands = []
-            for change in window:
-                subject = change_subject(s.subject_prefix, change.service_type)
-                headers = b"NATS/1.0\r\nNats-Msg-Id: " + change.message_id.encode() + b"\r\n" + stream_header
-                body = change.body
-                commands.append(
-                    f"HPUB {subject} {self._inbox}.{change.change_id} {len(headers)} {len(headers) + len(body)}\r\n".encode()
-                    + headers + body + b"\r\n"
-                )
-            # During a reconnect the bytes wait in nats-py's pending buffer, as publish() would leave them.
-            await nc._send_command(b"".join(commands))
-            await nc._flush_pending()
+            if self._raw:
+                commands = []
+                for change in window:
+                    subject = change_subject(s.subject_prefix, change.service_type)
+                    headers = b"NATS/1.0\r\nNats-Msg-Id: " + change.message_id.encode() + b"\r\n" + stream_header
+                    body = change.body
+                    commands.append(
+                        f"HPUB {subject} {self._inbox}.{change.change_id} {len(headers)} {len(headers) + len(body)}\r\n".encode()
+                        + headers + body + b"\r\n"
+                    )
+                await internals.send_raw(nc, b"".join(commands))
+            else:
+                for change in window:
+                    await nc.publish(
+                        change_subject(s.subject_prefix, change.service_type),
+                        change.body,
+                        reply=f"{self._inbox}.{change.change_id}",
+                        headers={"Nats-Msg-Id": change.message_id, "Nats-Expected-Stream": s.stream},
+                    )
             try:
                 await asyncio.wait_for(self._answered.wait(), s.ack_timeout)
             except TimeoutError:

@@ -33,7 +33,15 @@ from typing import Any, Final
 
 import nats.protocol.parser
 
-__all__ = ["fast_path_problem", "install_frame_hook", "send_acks", "widen_protocol_parser"]
+__all__ = [
+    "fast_path_problem",
+    "install_frame_hook",
+    "install_reply_hook",
+    "raw_send_problem",
+    "send_acks",
+    "send_raw",
+    "widen_protocol_parser",
+]
 
 # nats.aio.client.Client._process_msg, called by the protocol parser per frame.
 _PROCESS_MSG: Final = ["sid", "subject", "reply", "data", "headers"]
@@ -91,6 +99,45 @@ def install_frame_hook(
             on_error(exc)
 
     nc._process_msg = process_msg
+
+
+def raw_send_problem(nc: Any) -> str | None:
+    """Why the change relay's raw publish and reply hook cannot be used with
+    this nats-py client, in one sentence, or None when they can."""
+    problems = []
+    for name, leading in (("_process_msg", _PROCESS_MSG), ("_send_command", ["cmd"]), ("_flush_pending", [])):
+        method = getattr(nc, name, None)
+        if not inspect.iscoroutinefunction(method):
+            problems.append(f"Client.{name} is not a coroutine method")
+            continue
+        params = list(inspect.signature(method).parameters)
+        if params[: len(leading)] != leading or (name == "_process_msg" and params != leading):
+            problems.append(f"Client.{name} takes ({', '.join(params)})")
+    return "; ".join(problems) or None
+
+
+def install_reply_hook(nc: Any, sid: int, on_reply: Callable[[bytes, bytes], None]) -> None:
+    """Hand header-less frames of subscription `sid` (publish acks) to
+    `on_reply(subject, data)` straight from nats-py's parser; frames with
+    headers (no responders, status messages) and other subscriptions' frames
+    go on to nats-py. Check `raw_send_problem()` first."""
+    original = nc._process_msg
+
+    async def process_msg(msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if msg_sid != sid or headers:
+            await original(msg_sid, subject, reply, data, headers)
+            return
+        on_reply(subject, data)
+
+    nc._process_msg = process_msg
+
+
+async def send_raw(nc: Any, commands: bytes) -> None:
+    """Write ready protocol lines (a window of HPUBs) in one buffer write,
+    then kick nats-py's flusher; during a reconnect they wait in its
+    pending buffer, as publish() would leave them."""
+    await nc._send_command(commands)
+    await nc._flush_pending()
 
 
 async def send_acks(nc: Any, tokens: list[str]) -> None:
