@@ -17,7 +17,7 @@ left to NATS to redeliver, which the ordering guard makes harmless
 (docs/operations.md#shutdown).
 """
 
-# trio_asyncio first: it patches asyncio before psycopg binds to it (field notes).
+# trio_asyncio first: it patches asyncio before psycopg binds to it (docs/architecture.md#import-order).
 import trio_asyncio  # isort: skip
 
 import errno

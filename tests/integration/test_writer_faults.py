@@ -4,7 +4,7 @@ the same batch, and a connection closed while a statement runs on it."""
 
 from __future__ import annotations
 
-import trio_asyncio  # noqa: F401  # isort: skip  # before psycopg (field notes)
+import trio_asyncio  # noqa: F401  # isort: skip  # before psycopg (docs/architecture.md#import-order)
 
 import threading
 from datetime import UTC, datetime, timedelta

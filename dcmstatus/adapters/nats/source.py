@@ -3,7 +3,7 @@ consumer, pulls messages, hands them to trio as `Delivery` values and acks
 them when the pipeline says so.
 
 nats-py is asyncio; it runs inside trio through trio-asyncio (the supervisor
-opens the loop). Two field-notes facts shape this module:
+opens the loop). Two measured facts (docs/performance.md#why-it-is-fast) shape this module:
 
 - nats-py's own `fetch()` spawns a task per message (~3k msg/s under
   trio-asyncio), so it pulls "continuously" itself: one core subscription on
@@ -707,7 +707,7 @@ async def _publish_acks(nc: Any, tokens: list[str]) -> None:
 
 def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
     """Log, never raise: inside trio-asyncio an unhandled asyncio error would tear
-    down the whole nursery (field notes)."""
+    down the whole nursery (docs/architecture.md#import-order)."""
     exc = context.get("exception")
     log.error("asyncio: %s", context.get("message"), exc_info=exc)
 
