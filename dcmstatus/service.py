@@ -60,8 +60,14 @@ from dcmstatus.engine.startup import Startup
 
 log = logging.getLogger(__name__)
 
-# A health check answers within this, whatever the database does.
+# Health's database reading is kept current by one ping this often, so a
+# health request costs no database work however many probes ask.
+HEALTH_INTERVAL = 1.0
+# A ping unanswered this long reads as "unreachable (no answer within …)".
 HEALTH_DEADLINE = 2.0
+# A reading older than this (the pinging task starved or stuck) is not
+# believed: health says "unknown" and answers 503.
+HEALTH_STALE = 5.0
 # Where the page token secret is kept when none is configured (docs/security.md).
 PAGE_TOKEN_KEY_FILE = "page-token.key"
 # No API request holds a database connection (and a worker thread) longer.
@@ -188,24 +194,17 @@ class Service:
         self._consuming: trio.CancelScope | None = None
         self._drained = False
         self._nursery: trio.Nursery | None = None
+        # (state, trio time) of the latest database ping; when the one in flight began.
+        self._database_reading: tuple[str, float] | None = None
+        self._ping_started: float | None = None
+        self._pinging = trio.CancelScope()
 
     async def health(self) -> tuple[bool, dict]:
         components: dict[str, str] = {}
         if not self.ready:
             awaiting = self.startup.awaiting
             components["startup"] = f"waiting for {awaiting}" if awaiting else "starting"
-        if self.api_pool.closed:  # opened once the database is reached
-            database = "not connected yet"
-        else:
-            # Abandoned at the deadline if the database does not answer (see InstanceStore.ping).
-            with trio.move_on_after(HEALTH_DEADLINE) as deadline:
-                try:
-                    await self.instances.ping()
-                    database = "reachable"
-                except Exception:
-                    database = "unreachable"
-            if deadline.cancelled_caught:
-                database = f"unreachable (no answer within {HEALTH_DEADLINE:g}s)"
+        database = self._database_state()
         components.update(database=database, **self.source.health())
         if not self.pipeline.store_healthy:
             components["writes"] = "failing"
@@ -215,6 +214,40 @@ class Service:
         components["changes"] = self.relay.state if self.relay is not None else "off"
         ok = self.ready and database == "reachable" and self.source.healthy and self.pipeline.store_healthy
         return ok, components
+
+    def _database_state(self) -> str:
+        """The database as the latest ping saw it, from process state only."""
+        now = trio.current_time()
+        if self.api_pool.closed or self._database_reading is None:  # opened once the database is reached
+            return "not connected yet"
+        if self._ping_started is not None and now - self._ping_started >= HEALTH_DEADLINE:
+            return f"unreachable (no answer within {HEALTH_DEADLINE:g}s)"
+        state, taken = self._database_reading
+        if now - taken > HEALTH_STALE:
+            return f"unknown (no reading for {now - taken:.0f}s)"
+        return state
+
+    async def _watch_database(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Ping the database every HEALTH_INTERVAL, for health to report;
+        started once the first reading is in, runs until HTTP stops."""
+        with self._pinging:
+            while True:
+                self._ping_started = trio.current_time()
+                # Abandoned at the deadline if the database does not answer (see InstanceStore.ping).
+                with trio.move_on_after(HEALTH_DEADLINE) as deadline:
+                    try:
+                        await self.instances.ping()
+                        state = "reachable"
+                    except Exception:
+                        state = "unreachable"
+                if deadline.cancelled_caught:
+                    state = f"unreachable (no answer within {HEALTH_DEADLINE:g}s)"
+                self._ping_started = None
+                first = self._database_reading is None
+                self._database_reading = (state, trio.current_time())
+                if first:
+                    task_status.started()
+                await trio.sleep(HEALTH_INTERVAL)
 
     @property
     def stopping(self) -> bool:
@@ -265,6 +298,7 @@ class Service:
                 if self._consuming is not None:
                     self._consuming.cancel()  # what the grace period left: NATS redelivers it
                 http_stop.set()
+                self._pinging.cancel()
                 nursery.cancel_scope.deadline = trio.current_time() + 3
                 if self._stop_now:
                     nursery.cancel_scope.cancel()
@@ -284,6 +318,7 @@ class Service:
             max_body_bytes=config.max_request_bytes,
             changes=(self.changes, self.notifier),
             max_watch_streams=config.max_watch_streams,
+            max_waiting_requests=config.max_waiting_requests,
         )
         hconfig = HypercornConfig()
         hconfig.bind = [f"{config.http_host}:{config.http_port}"]
@@ -323,6 +358,7 @@ class Service:
         log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
         self.api_pool.open(wait=False)  # connects in the background
         self.watch_pool.open(wait=False)
+        await nursery.start(self._watch_database)
         await nursery.start(self.notifier.run)
         await nursery.start(self._consume)
         await nursery.start(self._run_changes)
@@ -403,8 +439,11 @@ class Service:
 
 
 def _configure_api_connection(conn: psycopg.Connection) -> None:
+    # Autocommit: every API statement stands alone (the summary's three reads
+    # see committed rows as a READ COMMITTED transaction would), so a read is
+    # one round trip, not BEGIN, SELECT, COMMIT.
+    conn.autocommit = True
     conn.execute(f"SET statement_timeout = '{_API_STATEMENT_TIMEOUT}'")
-    conn.commit()  # the pool takes only idle connections
 
 
 def _bind_error(exc: BaseException) -> OSError | None:
