@@ -38,6 +38,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from dcmstatus.adapters.http.app import make_app
+from dcmstatus.adapters.http.hypercorn_internals import coalesce_response_writes
 from dcmstatus.adapters.http.page_tokens import load_or_create_secret
 from dcmstatus.adapters.nats.changes import ChangePublisher, ChangeStreamSettings
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
@@ -320,6 +321,8 @@ class Service:
             max_watch_streams=config.max_watch_streams,
             max_waiting_requests=config.max_waiting_requests,
         )
+        if (problem := coalesce_response_writes()) is not None:
+            log.warning("HTTP responses are written as hypercorn writes them (slower): %s", problem)
         hconfig = HypercornConfig()
         hconfig.bind = [f"{config.http_host}:{config.http_port}"]
         hconfig.accesslog = None

@@ -21,6 +21,7 @@ from hypercorn.trio import serve
 from psycopg_pool import ConnectionPool
 
 from dcmstatus.adapters.http.app import make_app
+from dcmstatus.adapters.http.hypercorn_internals import coalesce_response_writes
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.instances import InstanceStore
 from dcmstatus.adapters.postgres.schema import migrate
@@ -125,7 +126,9 @@ class Api:
 
 @asynccontextmanager
 async def serve_api(database_url: str, api_token: str | None = None, **app_options: Any):
-    """Serve the API on a loopback port until the block ends."""
+    """Serve the API on a loopback port until the block ends, written as
+    `dcmstatus serve` writes it (one send per response with a length)."""
+    assert coalesce_response_writes() is None
     await trio.to_thread.run_sync(migrate, database_url)
     pool = ConnectionPool(database_url, min_size=1, max_size=4, open=False)
     await trio.to_thread.run_sync(partial(pool.open, wait=True))
