@@ -174,6 +174,11 @@ class ServeConfig:
     max_watch_streams: int = _opt(
         100, "open watch streams (Server-Sent Events of /api/v1/status-changes) at most; beyond, 503", type=int
     )
+    max_waiting_requests: int = _opt(
+        256,
+        "API requests waiting for their turn at most (a few run at once, the rest wait); beyond, 503 with Retry-After",
+        type=int,
+    )
     api_token_file: Path | None = _opt(
         None,
         "file holding the API token: every /api/v1 route except health then needs 'Authorization: Bearer <token>'",
@@ -261,7 +266,7 @@ class ServeConfig:
             )
         for name in (
             "writers", "batch_size", "max_in_flight", "max_in_flight_bytes", "max_event_bytes", "dead_letter_limit",
-            "max_request_bytes", "parked_limit", "max_watch_streams",
+            "max_request_bytes", "parked_limit", "max_watch_streams", "max_waiting_requests",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,7 +1,8 @@
 """The HTTP API application: its routes, middleware and exception handlers.
 
 A request passes, outermost first: `SecurityHeaders` (CSP and friends on
-every response), `InternalErrors` (500 as a last resort), `BearerToken`
+every response), `InternalErrors` (500 as a last resort), `Admission` (a few
+requests run at once, the rest wait; 503 beyond a bound), `BearerToken`
 (when a token is configured), `RoutingPath` (segments as the client split
 them), then Starlette's router and the handlers of routes/.
 Outcomes become RFC 7807 problems in problems.py. Adding a route is adding a
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
+from dcmstatus.adapters.http.admission import DEFAULT_MAX_RUNNING, DEFAULT_MAX_WAITING, Admission
 from dcmstatus.adapters.http.auth import BearerToken
 from dcmstatus.adapters.http.inputs import MAX_BODY_BYTES
 from dcmstatus.adapters.http.page_tokens import PageTokens
@@ -24,7 +26,7 @@ from dcmstatus.adapters.http.routes.dashboard import DashboardRoutes
 from dcmstatus.adapters.http.routes.instances import InstanceRoutes
 from dcmstatus.adapters.http.routes.rejected_events import RejectedEventRoutes
 from dcmstatus.adapters.http.routes.status_changes import DEFAULT_MAX_STREAMS, HEARTBEAT_SECONDS, StatusChangeRoutes
-from dcmstatus.adapters.http.routes.system import HEALTH_PATH, OPENAPI_DOCUMENT, HealthCheck, SystemRoutes
+from dcmstatus.adapters.http.routes.system import HEALTH_PATH, METRICS_PATH, OPENAPI_DOCUMENT, HealthCheck, SystemRoutes
 from dcmstatus.adapters.http.routing import RoutingPath
 from dcmstatus.adapters.http.security_headers import SecurityHeaders
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
@@ -45,6 +47,8 @@ def make_app(
     changes: tuple[ChangeStore, ChangeNotifier],
     max_watch_streams: int = DEFAULT_MAX_STREAMS,
     watch_heartbeat: float = HEARTBEAT_SECONDS,
+    max_waiting_requests: int = DEFAULT_MAX_WAITING,
+    max_running_requests: int = DEFAULT_MAX_RUNNING,
 ) -> Starlette:
     """The ASGI application serving /api/v1, /metrics and the dashboard at /.
 
@@ -57,7 +61,9 @@ def make_app(
     `changes` serves /api/v1/status-changes: the store it reads and the
     notifier that wakes its streams (the caller runs the notifier and closes
     it at shutdown, which ends the streams); at most `max_watch_streams`
-    streams are open at once.
+    streams are open at once. At most `max_running_requests` requests run at
+    once; beyond `max_waiting_requests` waiting for their turn, a request
+    gets 503 (admission.py).
     """
     if callable(catalog_service_types):
         service_types = catalog_service_types
@@ -72,7 +78,17 @@ def make_app(
         *SystemRoutes(health, metrics_registry).routes,
         *DashboardRoutes(store, service_types, api_token).routes,
     ]
-    middleware = [Middleware(SecurityHeaders), Middleware(InternalErrors)]
+    middleware = [
+        Middleware(SecurityHeaders),
+        Middleware(InternalErrors),
+        Middleware(
+            Admission,
+            registry=metrics_registry,
+            max_running=max_running_requests,
+            max_waiting=max_waiting_requests,
+            exempt_paths=[HEALTH_PATH, METRICS_PATH],
+        ),
+    ]
     if api_token:
         open_paths = [tuple(HEALTH_PATH.split("/")[1:])]
         middleware.append(Middleware(BearerToken, token=api_token, protected_roots=["api"], open_paths=open_paths))

@@ -273,7 +273,8 @@ class InstanceStore:
         return await self._run(self._rejected, reason, page_size, before_id)
 
     # The synchronous halves, run in worker threads. Leaving the pool's
-    # connection() block commits (or rolls back on an exception).
+    # connection() block commits (or rolls back on an exception); the
+    # service's API pool autocommits, so a read there is one round trip.
 
     def _ping(self) -> None:
         with self._pool.connection() as conn:
