@@ -320,6 +320,8 @@ class Service:
             changes=(self.changes, self.notifier),
             max_watch_streams=config.max_watch_streams,
             max_waiting_requests=config.max_waiting_requests,
+            # The pipeline goes first while it holds unacknowledged messages.
+            intake_busy=lambda: self.source.unacknowledged > 0,
         )
         if (problem := coalesce_response_writes()) is not None:
             log.warning("HTTP responses are written as hypercorn writes them (slower): %s", problem)

@@ -120,3 +120,42 @@ async def test_a_response_with_a_length_is_one_write_and_a_stream_sends_its_head
     with trio.fail_after(5):
         chunks = await trio.to_thread.run_sync(_raw_exchange, api.host, api.port, stream, b"\r\n\r\n")
     assert b"".join(chunks).startswith(b"HTTP/1.1 200") and b"text/event-stream" in b"".join(chunks)
+
+
+async def test_while_intake_is_busy_fewer_requests_run(database_url):
+    busy = True
+    async with serve_api(database_url, max_running_requests=4, intake_busy=lambda: busy) as api:
+        await api.create(id="turns")
+        replies = []
+
+        async def get() -> None:
+            replies.append(await api.request("GET", f"{BASE}/turns"))
+
+        def blocked() -> int:
+            with psycopg.connect(api.database_url, autocommit=True) as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'service_type_instances'::regclass"
+                ).fetchone()
+            return row[0] if row else 0
+
+        async def settle(expected: int) -> None:
+            with trio.fail_after(10):
+                while await trio.to_thread.run_sync(blocked) < expected:
+                    await trio.sleep(0.02)
+            await trio.sleep(0.3)  # and no more than that come
+            assert await trio.to_thread.run_sync(blocked) == expected
+
+        locker = await trio.to_thread.run_sync(psycopg.connect, api.database_url)
+        try:
+            await trio.to_thread.run_sync(locker.execute, "LOCK TABLE service_type_instances IN ACCESS EXCLUSIVE MODE")
+            async with trio.open_nursery() as nursery:
+                for _ in range(4):
+                    nursery.start_soon(get)
+                await settle(2)  # the pipeline has work: two turns, the others wait
+                busy = False
+                nursery.start_soon(get)  # the next arrival gives all four turns back
+                await settle(4)
+                await trio.to_thread.run_sync(locker.rollback)
+        finally:
+            await trio.to_thread.run_sync(locker.close)
+        assert [r.status for r in replies] == [200] * 5

@@ -49,6 +49,7 @@ def make_app(
     watch_heartbeat: float = HEARTBEAT_SECONDS,
     max_waiting_requests: int = DEFAULT_MAX_WAITING,
     max_running_requests: int = DEFAULT_MAX_RUNNING,
+    intake_busy: Callable[[], bool] = lambda: False,
 ) -> Starlette:
     """The ASGI application serving /api/v1, /metrics and the dashboard at /.
 
@@ -62,8 +63,9 @@ def make_app(
     notifier that wakes its streams (the caller runs the notifier and closes
     it at shutdown, which ends the streams); at most `max_watch_streams`
     streams are open at once. At most `max_running_requests` requests run at
-    once; beyond `max_waiting_requests` waiting for their turn, a request
-    gets 503 (admission.py).
+    once (fewer while `intake_busy()`: the pipeline goes first); beyond
+    `max_waiting_requests` waiting for their turn, a request gets 503
+    (admission.py).
     """
     if callable(catalog_service_types):
         service_types = catalog_service_types
@@ -87,6 +89,7 @@ def make_app(
             max_running=max_running_requests,
             max_waiting=max_waiting_requests,
             exempt_paths=[HEALTH_PATH, METRICS_PATH],
+            intake_busy=intake_busy,
         ),
     ]
     if api_token:
