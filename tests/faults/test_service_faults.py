@@ -169,6 +169,9 @@ def test_health_answers_promptly_while_the_database_is_down(tmp_path, nats_url, 
     svc = serve(nats_url, database_url)
     pg_server.stop()
     try:
+        # Health reports the service's latest ping (once a second, 2 s
+        # deadline: docs/operations.md#health), so the outage shows within 3 s.
+        wait_for(lambda: svc.health(timeout=10)[0] == 503, "health 503 after the next ping", 5)
         for _ in range(3):
             status, body = svc.health(timeout=10)
             assert status == 503, f"health did not answer within 10 s: {body}"

@@ -141,6 +141,9 @@ def test_black_holed_database_health_answers_and_sigterm_exits_within_the_grace_
     try:
         asyncio.run(chaos.publish_events(nats_url, workload.events[half:]))
         wait_for(lambda: svc.metric("dcmstatus_events_received_total") > half, "events taken in", 30)
+        # The next ping goes unanswered: within its 2 s deadline (plus the
+        # second between pings) health says so (docs/operations.md#health).
+        wait_for(lambda: svc.health(timeout=15)[0] == 503, "health 503 once the ping is overdue", 5)
         for _ in range(3):
             status, body = svc.health(timeout=15)
             assert status == 503, f"health did not answer within its deadline: {body}"
