@@ -151,7 +151,7 @@ async def test_while_intake_is_busy_fewer_requests_run(database_url):
             async with trio.open_nursery() as nursery:
                 for _ in range(4):
                     nursery.start_soon(get)
-                await settle(2)  # the pipeline has work: two turns, the others wait
+                await settle(1)  # the pipeline has work: one turn, the others wait
                 busy = False
                 nursery.start_soon(get)  # the next arrival gives all four turns back
                 await settle(4)

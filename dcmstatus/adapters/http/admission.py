@@ -11,12 +11,14 @@ that finds `max_waiting` already waiting is refused at once: 503 with
 Retry-After, counted in `dcmstatus_http_requests_rejected_total`.
 
 The pipeline goes first: while `intake_busy()` says it has work in hand
-(messages received and not yet acknowledged), only `max_running_busy`
-requests run at once. A few running requests cannot keep the thread busy on
-their own (each waits for its database answer), so the pipeline gets the
-turns they leave; the API still answers, more slowly, and takes its full
-share again once the backlog is drained. (Measured: with 8 running, a drain
-under 32 keep-alive clients kept about 0.6 of its quiet rate, as with no bound.)
+(messages received and not yet acknowledged), only `max_running_busy` (one)
+request runs at a time. One request cannot keep the thread busy on its own
+(it waits for its database answer and for its socket), so the pipeline gets
+the turns it leaves; the API still answers, more slowly, and takes its full
+share again once the backlog is drained. (Measured on a 100k-event drain
+under 32 keep-alive clients: with 8 running, or 2, the drain kept about
+0.5-0.6 of its quiet rate; with one, 0.69-0.9, the API answering ~150-200
+requests/s. A pause between turns kept more but left the API at ~60-90/s.)
 
 Exempt, so that probes and scrapes always answer and never queue behind the
 API: health and /metrics (both answered from process state), and the watch
@@ -40,7 +42,7 @@ __all__ = ["DEFAULT_MAX_RUNNING", "DEFAULT_MAX_RUNNING_BUSY", "DEFAULT_MAX_WAITI
 # while responses are written, few enough that the pipeline's tasks are never
 # far back in the scheduler's queue.
 DEFAULT_MAX_RUNNING = 8
-DEFAULT_MAX_RUNNING_BUSY = 2
+DEFAULT_MAX_RUNNING_BUSY = 1
 DEFAULT_MAX_WAITING = 256
 RETRY_AFTER_SECONDS = 1
 
