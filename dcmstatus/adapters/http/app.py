@@ -6,6 +6,8 @@ every response), `InternalErrors` (500 as a last resort), `BearerToken`
 them), then Starlette's router and the handlers of routes/.
 Outcomes become RFC 7807 problems in problems.py. Adding a route is adding a
 `resource(...)` to a routes module, or a new module to the list below.
+A consumer replica (`--role consumer`) mounts only health and /metrics
+(docs/operations.md#roles).
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from starlette.middleware import Middleware
 from dcmstatus.adapters.http.auth import BearerToken
 from dcmstatus.adapters.http.inputs import MAX_BODY_BYTES
 from dcmstatus.adapters.http.page_tokens import PageTokens
-from dcmstatus.adapters.http.problems import EXCEPTION_HANDLERS, InternalErrors
+from dcmstatus.adapters.http.problems import EXCEPTION_HANDLERS, InternalErrors, role_handlers
 from dcmstatus.adapters.http.routes.dashboard import DashboardRoutes
 from dcmstatus.adapters.http.routes.instances import InstanceRoutes
 from dcmstatus.adapters.http.routes.rejected_events import RejectedEventRoutes
 from dcmstatus.adapters.http.routes.status_changes import DEFAULT_MAX_STREAMS, HEARTBEAT_SECONDS, StatusChangeRoutes
-from dcmstatus.adapters.http.routes.system import HEALTH_PATH, OPENAPI_DOCUMENT, HealthCheck, SystemRoutes
+from dcmstatus.adapters.http.routes.system import HEALTH_PATH, METRICS_PATH, OPENAPI_DOCUMENT, HealthCheck, SystemRoutes
 from dcmstatus.adapters.http.routing import RoutingPath
 from dcmstatus.adapters.http.security_headers import SecurityHeaders
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
@@ -45,6 +47,7 @@ def make_app(
     changes: tuple[ChangeStore, ChangeNotifier],
     max_watch_streams: int = DEFAULT_MAX_STREAMS,
     watch_heartbeat: float = HEARTBEAT_SECONDS,
+    role: str = "all",
 ) -> Starlette:
     """The ASGI application serving /api/v1, /metrics and the dashboard at /.
 
@@ -57,8 +60,17 @@ def make_app(
     `changes` serves /api/v1/status-changes: the store it reads and the
     notifier that wakes its streams (the caller runs the notifier and closes
     it at shutdown, which ends the streams); at most `max_watch_streams`
-    streams are open at once.
+    streams are open at once. With `role` "consumer" only health and
+    /metrics are served, and every other path is a 404 naming the role.
     """
+    if role == "consumer":
+        consumer_app = Starlette(
+            routes=SystemRoutes(health, metrics_registry, role).routes,
+            middleware=[Middleware(SecurityHeaders), Middleware(InternalErrors), Middleware(RoutingPath)],
+            exception_handlers=role_handlers(role, f"{HEALTH_PATH} and {METRICS_PATH}"),
+        )
+        consumer_app.router.redirect_slashes = False
+        return consumer_app
     if callable(catalog_service_types):
         service_types = catalog_service_types
     else:
@@ -69,7 +81,7 @@ def make_app(
         *InstanceRoutes(store, service_types, tokens, max_body_bytes).routes,
         *RejectedEventRoutes(store, tokens).routes,
         *StatusChangeRoutes(*changes, tokens, metrics_registry, max_watch_streams, watch_heartbeat).routes,
-        *SystemRoutes(health, metrics_registry).routes,
+        *SystemRoutes(health, metrics_registry, role).routes,
         *DashboardRoutes(store, service_types, api_token).routes,
     ]
     middleware = [Middleware(SecurityHeaders), Middleware(InternalErrors)]
