@@ -54,7 +54,7 @@ def test_precedence_flag_over_env_over_file_over_default(toml):
     ("text", "message"),
     [
         ("http_prot = 1\n", "unknown key 'http_prot'; did you mean 'http_port'?"),
-        ("zzz = 1\n", "unknown key 'zzz' (known: nats_url,"),
+        ("zzz = 1\n", "unknown key 'zzz' (known: role, nats_url,"),
         ("http_port = '80'\n", "http_port must be an integer"),
         ("http_port = true\n", "http_port must be an integer"),
         ("ack_wait = 'soon'\n", "ack_wait must be a number"),
