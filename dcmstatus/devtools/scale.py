@@ -58,6 +58,10 @@ class Drain:
     postgres_cpu: float | None  # of PostgreSQL, its backends included (embedded only)
     busy_cores: float  # the machine's busy CPU-seconds per wall second during the drain
     shares: list[int] = field(default_factory=list)  # messages each replica received
+    # Failed (and retried) batch commits, all replicas: replicas that update
+    # the same rows at once can deadlock, which PostgreSQL breaks after its
+    # deadlock_timeout (1 s by default), and the loser retries.
+    retried_commits: int = 0
     correct: bool = False
 
 
@@ -96,12 +100,15 @@ async def _consumer_state(url: str) -> tuple[int, int] | None:
         await nc.close()
 
 
-def _received(http_url: str) -> int:
+def _counters(http_url: str) -> dict[str, int]:
+    """The unlabelled counters of a replica's /metrics."""
     with urllib.request.urlopen(http_url + "/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("dcmstatus_events_received_total "):
-                return int(float(line.split()[1]))
-    return -1
+        text = response.read().decode()
+    return {
+        line.split()[0]: int(float(line.split()[1]))
+        for line in text.splitlines()
+        if line.startswith("dcmstatus_") and "{" not in line.split()[0] and line.split()[0].endswith("_total")
+    }
 
 
 class Scale:
@@ -170,7 +177,9 @@ class Scale:
             replica_cpu = sum(_cpu_seconds(proc.pid) - cpu_at_ready.get(i, 0.0) for i, (proc, _) in enumerate(procs))
             nats_cpu = _cpu_seconds(nats_pid) - nats_start if nats_pid else None
             pg_cpu = _cpu_seconds(pg_pid) - pg_start if pg_pid else None
-            shares = [_received(http_urls[i]) if i in http_urls else 0 for i in range(replicas)]
+            counters = [_counters(http_urls[i]) if i in http_urls else {} for i in range(replicas)]
+            shares = [c.get("dcmstatus_events_received_total", 0) for c in counters]
+            retried = sum(c.get("dcmstatus_db_errors_total", 0) for c in counters)
         finally:
             for proc, _ in procs:
                 proc.terminate()
@@ -183,7 +192,7 @@ class Scale:
         self.servers.drop(db_url)
         return Drain(
             replicas, n, seconds, n / seconds, max(ready.values()) - min(ready.values()) if ready else 0.0,
-            replica_cpu, nats_cpu, pg_cpu, busy / seconds, shares, correct,
+            replica_cpu, nats_cpu, pg_cpu, busy / seconds, shares, retried, correct,
         )  # fmt: skip
 
 
@@ -206,7 +215,8 @@ def table(drains: list[Drain], machine: str) -> str:
     base = statistics.median(d.rate for d in by_count[min(by_count)])
     header = (
         f"{'replicas':>8} {'events':>9} {'seconds':>8} {'events/s':>9} {'vs 1':>5} {'skew s':>6} "
-        f"{'busy cores':>10}  {'CPU-s per 100k events: replicas':>31} {'nats':>5} {'pg':>5}  shares  correct"
+        f"{'busy cores':>10}  {'CPU-s per 100k events: replicas':>31} {'nats':>5} {'pg':>5}  {'shares':<11} "
+        "retried  correct"
     )
     lines = [header, "-" * len(header)]
     for d in drains:
@@ -214,7 +224,8 @@ def table(drains: list[Drain], machine: str) -> str:
         lines.append(
             f"{d.replicas:>8} {d.events:>9,} {d.seconds:>8.2f} {d.rate:>9,.0f} {d.rate / base:>5.2f} "
             f"{d.start_skew:>6.2f} {d.busy_cores:>10.2f}  {_per_100k(d.replica_cpu, d.events):>31} "
-            f"{_per_100k(d.nats_cpu, d.events):>5} {_per_100k(d.postgres_cpu, d.events):>5}  {shares:<7} {d.correct}"
+            f"{_per_100k(d.nats_cpu, d.events):>5} {_per_100k(d.postgres_cpu, d.events):>5}  {shares:<11} "
+            f"{d.retried_commits:>7}  {d.correct}"
         )
     lines.append("-" * len(header))
     medians = "   ".join(
