@@ -3,8 +3,9 @@ drain throughput with 1, 2, 3... consumer replicas sharing one durable.
 
 For each replica count, in ONE run on the machine at hand: a fresh database
 and a fresh stream holding the whole backlog (published while no replica
-runs), then N `dcmstatus serve --role consumer` processes started together;
-timed from the first replica consuming to the durable fully acknowledged, then
+runs), then N `dcmstatus serve --role consumer` processes started while the
+durable consumer is paused (NATS 2.11+), so that they all begin together;
+timed from its resumption to the durable fully acknowledged, then
 every row checked against the newest event of its instance. Besides the wall
 time it reports what travels between machines: the CPU-seconds the replicas,
 nats-server and PostgreSQL spent per event (embedded servers only: their
@@ -34,13 +35,16 @@ import time
 import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nats
 import nats.js.errors
 import psutil
 import psycopg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from dcmstatus.config import ServeConfig
 from dcmstatus.devtools.bench import PREFIX, STREAM, Servers, Workload, make_workload
 
 DURABLE = "scale"
@@ -50,13 +54,21 @@ DURABLE = "scale"
 class Drain:
     replicas: int
     events: int
-    seconds: float  # first replica consuming → the durable fully acknowledged
+    seconds: float  # the durable resumed, every replica subscribed → the durable fully acknowledged
     rate: float  # events/s
-    start_skew: float  # seconds between the first and the last replica consuming
+    start_skew: float  # seconds between the first and the last replica subscribed (the durable paused meanwhile)
     replica_cpu: float  # CPU-seconds of all replicas during the drain
     nats_cpu: float | None  # of nats-server (embedded only)
     postgres_cpu: float | None  # of PostgreSQL, its backends included (embedded only)
     busy_cores: float  # the machine's busy CPU-seconds per wall second during the drain
+
+    @property
+    def own_cores(self) -> float | None:
+        """CPU-seconds per wall second that the drain itself got (replicas,
+        nats-server, PostgreSQL): on a shared machine, less than busy_cores."""
+        if self.nats_cpu is None or self.postgres_cpu is None:
+            return None
+        return (self.replica_cpu + self.nats_cpu + self.postgres_cpu) / self.seconds
     shares: list[int] = field(default_factory=list)  # messages each replica received
     # Failed (and retried) batch commits, all replicas: replicas that update
     # the same rows at once can deadlock, which PostgreSQL breaks after its
@@ -96,6 +108,40 @@ async def _consumer_state(url: str) -> tuple[int, int] | None:
         return info.num_pending, info.num_ack_pending
     except nats.js.errors.NotFoundError:
         return None
+    finally:
+        await nc.close()
+
+
+async def _paused_consumer(url: str) -> None:
+    """The durable as `serve` would create it (so that no replica updates it),
+    paused for up to 10 minutes."""
+    defaults = ServeConfig()
+    config = ConsumerConfig(
+        durable_name=DURABLE,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=f"{PREFIX}.*",
+        ack_wait=defaults.ack_wait,
+        max_ack_pending=max(defaults.max_in_flight * 2, 1000),
+    )
+    until = (datetime.now(UTC) + timedelta(minutes=10)).isoformat().replace("+00:00", "Z")
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await js.add_consumer(STREAM, config)
+        await js.pause_consumer(STREAM, DURABLE, until)
+    finally:
+        await nc.close()
+
+
+async def _resume(url: str) -> bool:
+    """Resume the durable; whether it was still paused."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        paused = bool((await js.consumer_info(STREAM, DURABLE)).paused)
+        await js.resume_consumer(STREAM, DURABLE)
+        return paused
     finally:
         await nc.close()
 
@@ -149,32 +195,36 @@ class Scale:
         n = len(workload.messages)
         self.say(f"{replicas} replica(s): {n:,} events published; starting them")
         nats_pid, pg_pid = self._server_pids()
+        # The durable waits paused while the replicas start, so that they all
+        # begin together: else the first one up drains a share alone.
+        asyncio.run(_paused_consumer(self.servers.nats_url))
         procs = [self._start(db_url, i) for i in range(replicas)]
-        ready: dict[int, float] = {}  # replica → when it began consuming (serve writes runtime.json then)
-        cpu_at_ready: dict[int, float] = {}
+        ready: dict[int, float] = {}  # replica → when it was subscribed (serve writes runtime.json then)
         http_urls: dict[int, str] = {}
         try:
-            started = busy_start = 0.0
-            nats_start = pg_start = 0.0
-            while True:
+            while len(ready) < replicas:
                 for i, (proc, data_dir) in enumerate(procs):
                     if proc.poll() is not None:
                         raise RuntimeError(f"serve exited:\n{(data_dir / 'serve.log').read_text()}")
                     if i not in ready and (data_dir / "runtime.json").exists():
                         ready[i] = time.monotonic()
-                        cpu_at_ready[i] = _cpu_seconds(proc.pid)
                         http_urls[i] = json.loads((data_dir / "runtime.json").read_text())["http_url"]
-                        if len(ready) == 1:  # the clock starts with the first consumer
-                            started = ready[i]
-                            busy_start = _busy_seconds()
-                            nats_start = _cpu_seconds(nats_pid) if nats_pid else 0.0
-                            pg_start = _cpu_seconds(pg_pid) if pg_pid else 0.0
-                if ready and asyncio.run(_consumer_state(self.servers.nats_url)) == (0, 0):
-                    break
+                time.sleep(0.02)
+            cpu_start = [_cpu_seconds(proc.pid) for proc, _ in procs]
+            busy_start = _busy_seconds()
+            nats_start = _cpu_seconds(nats_pid) if nats_pid else 0.0
+            pg_start = _cpu_seconds(pg_pid) if pg_pid else 0.0
+            started = time.monotonic()
+            if not asyncio.run(_resume(self.servers.nats_url)):
+                raise RuntimeError("the durable was no longer paused when every replica was up: a replica changed it")
+            while asyncio.run(_consumer_state(self.servers.nats_url)) != (0, 0):
+                for proc, data_dir in procs:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"serve exited:\n{(data_dir / 'serve.log').read_text()}")
                 time.sleep(0.02)
             seconds = time.monotonic() - started
             busy = _busy_seconds() - busy_start
-            replica_cpu = sum(_cpu_seconds(proc.pid) - cpu_at_ready.get(i, 0.0) for i, (proc, _) in enumerate(procs))
+            replica_cpu = sum(_cpu_seconds(proc.pid) - cpu_start[i] for i, (proc, _) in enumerate(procs))
             nats_cpu = _cpu_seconds(nats_pid) - nats_start if nats_pid else None
             pg_cpu = _cpu_seconds(pg_pid) - pg_start if pg_pid else None
             counters = [_counters(http_urls[i]) if i in http_urls else {} for i in range(replicas)]
@@ -215,7 +265,7 @@ def table(drains: list[Drain], machine: str) -> str:
     base = statistics.median(d.rate for d in by_count[min(by_count)])
     header = (
         f"{'replicas':>8} {'events':>9} {'seconds':>8} {'events/s':>9} {'vs 1':>5} {'skew s':>6} "
-        f"{'busy cores':>10}  {'CPU-s per 100k events: replicas':>31} {'nats':>5} {'pg':>5}  {'shares':<11} "
+        f"{'busy cores':>10} {'ours':>5}  {'CPU-s per 100k events: replicas':>31} {'nats':>5} {'pg':>5}  {'shares':<11} "
         "retried  correct"
     )
     lines = [header, "-" * len(header)]
@@ -223,7 +273,8 @@ def table(drains: list[Drain], machine: str) -> str:
         shares = "/".join(f"{s / d.events:.0%}" for s in d.shares)
         lines.append(
             f"{d.replicas:>8} {d.events:>9,} {d.seconds:>8.2f} {d.rate:>9,.0f} {d.rate / base:>5.2f} "
-            f"{d.start_skew:>6.2f} {d.busy_cores:>10.2f}  {_per_100k(d.replica_cpu, d.events):>31} "
+            f"{d.start_skew:>6.2f} {d.busy_cores:>10.2f} {'—' if d.own_cores is None else f'{d.own_cores:.2f}':>5}  "
+            f"{_per_100k(d.replica_cpu, d.events):>31} "
             f"{_per_100k(d.nats_cpu, d.events):>5} {_per_100k(d.postgres_cpu, d.events):>5}  {shares:<11} "
             f"{d.retried_commits:>7}  {d.correct}"
         )
@@ -254,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
         servers.close()
     machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, load average {os.getloadavg()[0]:.1f}"
     if args.json:
-        print(json.dumps({"drains": [asdict(d) for d in drains], "machine": machine}, indent=2))
+        rows = [{**asdict(d), "own_cores": d.own_cores} for d in drains]
+        print(json.dumps({"drains": rows, "machine": machine}, indent=2))
     else:
         print(table(drains, machine))
     return 0 if all(d.correct for d in drains) else 1
