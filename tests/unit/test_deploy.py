@@ -580,3 +580,14 @@ def test_only_the_targets_group_uses_metrics_from_elsewhere():
             assert foreign and foreign <= set(EXTERNAL), rule["alert"]
         else:
             assert not foreign, f"{rule['alert']}: {foreign}"
+
+
+def test_citations_in_deploy_reach_a_page_and_a_heading():
+    """The manifests' comments cite docs/ as the code does (tests/unit/test_docs.py checks the code's)."""
+    broken = []
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        for page, anchor in re.findall(r"docs/([a-z][a-z0-9-]*\.md)(?:#([\w-]+))?", path.read_text()):
+            target = ROOT / "docs" / page
+            if not target.exists() or (anchor and anchor not in _anchors(target)):
+                broken.append(f"{path.relative_to(ROOT)}: docs/{page}#{anchor}")
+    assert not broken, broken
