@@ -20,7 +20,7 @@ MONITORING = ROOT / "deploy" / "monitoring"
 # does. Only the group `dcmstatus-targets` may use them.
 EXTERNAL = {
     "up": "Prometheus, per scrape target",
-    "kube_deployment_status_replicas_ready": "kube-state-metrics",
+    "kube_deployment_status_replicas_available": "kube-state-metrics",
     "kube_deployment_spec_replicas": "kube-state-metrics",
 }
 EXTERNAL_GROUP = "dcmstatus-targets"
