@@ -408,16 +408,24 @@ HELM_PYTHON = os.environ.get("DCMSTATUS_TEST_HELM_PYTHON")
 CHART_SETS = ["secret.apiToken=an-api-token-for-the-test", "nats.creds=creds"]
 
 
-def _rendered() -> list[dict[str, Any]]:
+def _helm(values: list[str]) -> subprocess.CompletedProcess[str]:
     """The chart rendered by Helm: `helm template`, or Helm's library through
     scripts/render_chart.py under DCMSTATUS_TEST_HELM_PYTHON."""
-    sets = [arg for s in CHART_SETS for arg in ("--set", s)]
+    sets = [arg for s in values for arg in ("--set", s)]
     if shutil.which("helm"):
         command = ["helm", "template", "dcmstatus", str(CHART), *sets]
     else:
         command = [str(HELM_PYTHON), str(ROOT / "scripts" / "render_chart.py"), *sets]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _rendered(values: list[str] = CHART_SETS) -> list[dict[str, Any]]:
+    out = _helm(values)
+    assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+needs_helm = pytest.mark.skipif(not (shutil.which("helm") or HELM_PYTHON), reason="neither helm nor DCMSTATUS_TEST_HELM_PYTHON")
 
 
 def _without_helms_own(obj: dict[str, Any]) -> dict[str, Any]:
@@ -431,7 +439,7 @@ def _without_helms_own(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-@pytest.mark.skipif(not (shutil.which("helm") or HELM_PYTHON), reason="neither helm nor DCMSTATUS_TEST_HELM_PYTHON")
+@needs_helm
 def test_the_chart_renders_the_plain_manifests():
     rendered = {(d["kind"], d["metadata"]["name"]): d for d in _rendered()}
     plain = {(d["kind"], d["metadata"]["name"]): d for d in _plain()}
@@ -443,6 +451,37 @@ def test_the_chart_renders_the_plain_manifests():
     (secret,) = (d for d in rendered.values() if d["kind"] == "Secret")
     data = secret.get("stringData") or secret["data"]
     assert set(data) == set(plain[("Secret", "dcmstatus")]["stringData"])
+
+
+@needs_helm
+def test_the_chart_renders_one_all_role_deployment_behind_the_service():
+    objects = _rendered([*CHART_SETS, "roles.all.enabled=true", "roles.api.enabled=false", "roles.consumer.enabled=false"])
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[0], strict=True)
+    (deployment,) = (d for d in objects if d["kind"] == "Deployment")
+    (service,) = (d for d in objects if d["kind"] == "Service")
+    (budget,) = (d for d in objects if d["kind"] == "PodDisruptionBudget")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["metadata"]["name"] == "dcmstatus-all"
+    assert {"name": "DCMSTATUS_ROLE", "value": "all"} in _container(deployment)["env"]
+    assert _selects(service["spec"]["selector"], labels) and _selects(budget["spec"]["selector"]["matchLabels"], labels)
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 5 + 10 + 5
+
+
+@needs_helm
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([], "set secret.apiToken"),
+        ([*CHART_SETS, "roles.all.enabled=true"], "roles.all runs both halves"),
+        ([*CHART_SETS, "roles.api.enabled=false", "roles.consumer.enabled=false"], "enable at least one of"),
+        ([*CHART_SETS, "database.existingSecret="], "set database.existingSecret"),
+    ],
+    ids=["no-api-token", "all-beside-api", "no-role", "no-database"],
+)
+def test_the_chart_refuses_what_cannot_work(values, message):
+    out = _helm(values)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
 
 
 # ----------------------------------------------------------- the quadlet
