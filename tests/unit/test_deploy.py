@@ -660,3 +660,174 @@ def test_citations_in_deploy_reach_a_page_and_a_heading():
             if not target.exists() or (anchor and anchor not in _anchors(target)):
                 broken.append(f"{path.relative_to(ROOT)}: docs/{page}#{anchor}")
     assert not broken, broken
+
+
+# ------------------------------------------------- the rules, by promtool
+
+# promtool (Prometheus's rule checker and rule unit tester): on the path, or
+# where DCMSTATUS_TEST_PROMTOOL says (.ci/run extracts Debian's).
+PROMTOOL = os.environ.get("DCMSTATUS_TEST_PROMTOOL") or shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(not PROMTOOL, reason="promtool not installed (DCMSTATUS_TEST_PROMTOOL)")
+ALERTS = DEPLOY / "monitoring" / "alerts.yaml"
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules():
+    """Durations, label and annotation templates included: what Prometheus loads."""
+    out = subprocess.run([str(PROMTOOL), "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _series(name: str, values: str, **labels: str) -> dict[str, str]:
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return {"series": f"{name}{{{label_text}}}", "values": values}
+
+
+D = {"job": "dcmstatus", "namespace": "dcm"}  # one deployment's labels, as the scrape sets them
+# Each case: the series (one sample a minute), then (minute, alerts expected
+# then, by their labels besides alertname and severity). An api replica's
+# zeros sit beside the consumers' series where the rule aggregates them.
+RULE_CASES: dict[str, tuple[list[dict[str, str]], list[tuple[int, list[dict[str, str]]]]]] = {
+    "DcmstatusEventsRejected": (
+        [_series("dcmstatus_events_rejected_total", "0+5x20", reason="unknown_status", instance="c1", **D),
+         _series("dcmstatus_events_rejected_total", "0x20", reason="invalid_data", instance="c1", **D)],
+        [(4, []), (10, [{"reason": "unknown_status", **D}])],
+    ),
+    "DcmstatusRejectedRateHigh": (
+        [_series("dcmstatus_events_received_total", "0+100x40", instance="c1", **D),
+         _series("dcmstatus_events_rejected_total", "0+10x40", reason="unknown_status", instance="c1", **D),
+         _series("dcmstatus_events_received_total", "0x40", instance="a1", **D),
+         _series("dcmstatus_events_received_total", "0+100x40", job="dcmstatus", namespace="other", instance="c9"),
+         _series("dcmstatus_events_rejected_total", "0+1x40", reason="unknown_status", job="dcmstatus",
+                 namespace="other", instance="c9")],
+        [(8, []), (25, [D])],
+    ),
+    "DcmstatusEventLagHigh": (
+        [_series("dcmstatus_event_lag_seconds_bucket", "0+1x30", le="30.0", instance="c1", **D),
+         _series("dcmstatus_event_lag_seconds_bucket", "0+100x30", le="60.0", instance="c1", **D),
+         _series("dcmstatus_event_lag_seconds_bucket", "0+100x30", le="+Inf", instance="c1", **D)],
+        [(8, []), (20, [D])],
+    ),
+    "DcmstatusBacklogGrowing": (
+        [_series("dcmstatus_consumer_pending_messages", "0+200x40", instance="c1", **D),
+         _series("dcmstatus_consumer_pending_messages", "0x40", instance="a1", **D),
+         _series("dcmstatus_consumer_pending_messages", "5000x40", job="dcmstatus", namespace="flat", instance="c9")],
+        [(12, []), (30, [D])],
+    ),
+    "DcmstatusIntakeStalled": (
+        [_series("dcmstatus_consumer_stalled", "0 1x10", instance="c1", **D),
+         _series("dcmstatus_consumer_stalled", "0x10", instance="c2", **D)],
+        [(4, []), (7, [{"instance": "c1", **D}])],
+    ),
+    "DcmstatusDatabaseErrors": (
+        [_series("dcmstatus_db_errors_total", "0 0 0 1 1 1 1 1 1 1 1 1 1", instance="c1", **D)],
+        [(2, []), (4, [{"instance": "c1", **D}]), (12, [])],
+    ),
+    "DcmstatusDatabaseDown": (
+        [_series("dcmstatus_db_errors_total", "0+12x20", instance="c1", **D),
+         _series("dcmstatus_db_errors_total", "0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1", instance="c2", **D)],
+        [(4, []), (10, [{"instance": "c1", **D}])],
+    ),
+    "DcmstatusAcksFailing": (
+        [_series("dcmstatus_ack_failures_total", "0+1x20", instance="c1", **D)],
+        [(4, []), (10, [{"instance": "c1", **D}])],
+    ),
+    "DcmstatusNatsReconnecting": (
+        [_series("dcmstatus_nats_reconnects_total", "0+1x30", instance="c1", **D),
+         _series("dcmstatus_nats_reconnects_total", "0 1 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2 2", instance="c2", **D)],
+        [(2, []), (16, [{"instance": "c1", **D}])],
+    ),
+    "DcmstatusRedeliveries": (
+        [_series("dcmstatus_consumer_redelivered_messages", "5x30", instance="c1", **D),
+         _series("dcmstatus_consumer_redelivered_messages", "0x30", instance="a1", **D)],
+        [(10, []), (20, [D])],
+    ),
+    "DcmstatusClockSkew": (
+        [_series("dcmstatus_events_clock_skew_total", "0 0 3 3 3", instance="c1", **D)],
+        [(1, []), (4, [D])],
+    ),
+    "DcmstatusUnknownInstances": (
+        [_series("dcmstatus_events_unknown_instance_total", "0+1x90", instance="c1", **D)],
+        [(30, []), (80, [D])],
+    ),
+    "DcmstatusParkedOverflow": (
+        [_series("dcmstatus_parked_dropped_total", "0+1x20", cause="evicted", instance="c1", **D),
+         _series("dcmstatus_parked_dropped_total", "0+1x20", cause="expired", instance="c1", job="dcmstatus",
+                 namespace="expired-only")],
+        [(0, []), (5, [D])],
+    ),
+    "DcmstatusChangeEventsWaiting": (
+        [_series("dcmstatus_changes_oldest_unpublished_age_seconds", "0+60x20", instance="c1", **D),
+         _series("dcmstatus_changes_oldest_unpublished_age_seconds", "0x20", instance="a1", **D)],
+        [(6, []), (9, [D])],
+    ),
+    "DcmstatusOutboxDeep": (
+        [_series("dcmstatus_changes_outbox_rows", "20000x30", instance="c1", **D),
+         _series("dcmstatus_changes_outbox_rows", "20x30", job="dcmstatus", namespace="shallow", instance="c9")],
+        [(5, []), (15, [D])],
+    ),
+    "DcmstatusChangePublishLagHigh": (
+        [_series("dcmstatus_changes_publish_lag_seconds_bucket", "0+1x40", le="30.0", instance="c1", **D),
+         _series("dcmstatus_changes_publish_lag_seconds_bucket", "0+100x40", le="60.0", instance="c1", **D),
+         _series("dcmstatus_changes_publish_lag_seconds_bucket", "0+100x40", le="+Inf", instance="c1", **D)],
+        [(8, []), (25, [D])],
+    ),
+    "DcmstatusChangePublishFailing": (
+        [_series("dcmstatus_changes_publish_errors_total", "0+1x30", instance="c1", **D)],
+        [(8, []), (16, [D])],
+    ),
+    "DcmstatusNoRelayLeader": (
+        [_series("dcmstatus_changes_relay_leader", "0x10", instance="c1", **D),
+         _series("dcmstatus_changes_relay_leader", "0x10", instance="a1", **D),
+         _series("dcmstatus_changes_relay_leader", "1x10", job="dcmstatus", namespace="led", instance="c9"),
+         _series("dcmstatus_changes_relay_leader", "0x10", job="dcmstatus", namespace="led", instance="a9")],
+        [(3, []), (6, [D])],
+    ),
+    "DcmstatusTargetDown": (
+        [_series("up", "1 1 0x10", job="dcmstatus", instance="c1"), _series("up", "1x12", job="dcmstatus", instance="c2")],
+        [(4, []), (8, [{"job": "dcmstatus", "instance": "c1"}])],
+    ),
+    "DcmstatusReplicasUnready": (
+        [_series("kube_deployment_status_replicas_available", "1x10", deployment="dcmstatus-consumer", namespace="dcm"),
+         _series("kube_deployment_spec_replicas", "2x10", deployment="dcmstatus-consumer", namespace="dcm"),
+         _series("kube_deployment_status_replicas_available", "2x10", deployment="dcmstatus-api", namespace="dcm"),
+         _series("kube_deployment_spec_replicas", "2x10", deployment="dcmstatus-api", namespace="dcm")],
+        [(3, []), (6, [{"deployment": "dcmstatus-consumer", "namespace": "dcm"}])],
+    ),
+}
+
+
+def test_every_rule_has_a_firing_case():
+    assert set(RULE_CASES) == {rule["alert"] for _, rule in alert_rules()}
+
+
+@needs_promtool
+def test_the_rules_fire_when_they_should_and_not_before(tmp_path):
+    """promtool's rule unit tests on synthetic series: each rule stays quiet
+    before its condition has held for its `for`, then fires with the labels
+    it groups by, and ignores what it should (other deployments, api
+    replicas' zeros, other causes)."""
+    document = yaml.safe_load(ALERTS.read_text())
+    severity = {}
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            severity[rule["alert"]] = rule["labels"]["severity"]
+            rule.pop("annotations")  # promtool compares them verbatim; check rules validates their templates
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(yaml.safe_dump(document))
+    tests = []
+    for alert, (series, checks) in RULE_CASES.items():
+        tests.append({
+            "name": alert,
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                {"eval_time": f"{minute}m", "alertname": alert,
+                 "exp_alerts": [{"exp_labels": {**labels, "severity": severity[alert]}} for labels in expected]}
+                for minute, expected in checks
+            ],
+        })
+    test_file = tmp_path / "alerts.test.yaml"
+    test_file.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": tests}))
+    out = subprocess.run([str(PROMTOOL), "test", "rules", str(test_file)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
