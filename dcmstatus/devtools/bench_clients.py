@@ -9,7 +9,8 @@ with the publisher (which would delay both and make the latencies lie) nor
 hides its own CPU: every client reports the CPU seconds it spent. Protocol:
 the client prints `ready` once it receives (or, for the load, once it is
 connected), runs until its standard input closes, then prints one JSON line
-with its result.
+with its result; the load also takes a `mark` line, which starts its
+measured window afresh.
 """
 
 from __future__ import annotations
@@ -120,12 +121,17 @@ async def _http_load(config: dict[str, Any]) -> dict[str, Any]:
     await first_connected.wait()
     _say_ready()
     cpu0 = _cpu_seconds()
-    if config.get("seconds"):
-        stopper = asyncio.create_task(asyncio.sleep(config["seconds"]))
-        closed = asyncio.create_task(_stdin_closed())
-        await asyncio.wait([stopper, closed], return_when=asyncio.FIRST_COMPLETED)
-    else:
-        await _stdin_closed()
+    loop = asyncio.get_running_loop()
+    # A "mark" line starts the measured window afresh (the bench sends it when
+    # the drain's clock starts: answers during the service's start-up do not
+    # count); end of input stops.
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        if line.strip() == "mark":
+            latencies.clear()
+            statuses.clear()
+            counts.update(dict.fromkeys(counts, 0))
+            started[0] = time.monotonic()
+            cpu0 = _cpu_seconds()
     stop.set()
     seconds = time.monotonic() - started[0]
     for task in tasks:
