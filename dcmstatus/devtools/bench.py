@@ -223,6 +223,8 @@ class StreamFiller:
         self._progress = time.monotonic()
 
     async def _resend_failed(self) -> None:
+        if self.failed:
+            await asyncio.sleep(0.01)  # refused (no stream, or it is full): not in a tight loop
         while self.failed and len(self.outstanding) < self.window:
             self.resent += 1
             await self._send(*self.failed.pop())

@@ -94,3 +94,51 @@ def test_bench_refuses_an_unknown_part(bad):
     out = _bench("--parts", bad)
     assert out.returncode == 2 and "unknown part" in out.stderr, out.stderr
     assert PARTS[0] in out.stderr
+
+
+def test_stream_filler_stores_every_event_once_even_when_publishes_are_refused_at_first(nats_url):
+    # The bench's backlogs go through StreamFiller. Until the stream exists
+    # every publish is refused (no responders); the filler re-sends them, and
+    # once the stream is there each event is stored exactly once. The old
+    # core-NATS publishing would have "succeeded" with nothing stored.
+    import asyncio
+
+    import nats
+
+    from dcmstatus.devtools.bench import StreamFiller
+
+    n = 5000
+
+    async def scenario() -> tuple[int, int, list[bytes]]:
+        nc = await nats.connect(nats_url)
+        js = nc.jetstream()
+        try:
+            await js.delete_stream("bench-filler-test")
+        except nats.js.errors.NotFoundError:
+            pass
+        filler = await StreamFiller(nc, window=500).start()
+
+        async def create_stream_late() -> None:
+            await asyncio.sleep(0.5)
+            await js.add_stream(name="bench-filler-test", subjects=["benchfill.*"])
+
+        creating = asyncio.create_task(create_stream_late())
+        for i in range(n):
+            await filler.publish("benchfill.x", b"%d" % i)
+        await filler.finish(timeout=60)
+        await creating
+        stored = (await js.stream_info("bench-filler-test")).state.messages
+        sub = await js.pull_subscribe("benchfill.x", durable="check", stream="bench-filler-test")
+        bodies: list[bytes] = []
+        while len(bodies) < stored:
+            for m in await sub.fetch(500, timeout=5):
+                bodies.append(m.data)
+                await m.ack()  # within the consumer's ack-pending limit
+        await js.delete_stream("bench-filler-test")
+        await nc.close()
+        return stored, filler.resent, bodies
+
+    stored, resent, bodies = asyncio.run(scenario())
+    assert stored == n
+    assert sorted(bodies) == sorted(b"%d" % i for i in range(n))  # each once
+    assert resent > 0  # the refusals happened, and were re-sent
