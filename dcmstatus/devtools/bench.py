@@ -325,7 +325,7 @@ class CpuProbe:
                 except psutil.Error:
                     postmaster = None
         except psycopg.Error as exc:
-            self.missing["postgres"] = f"could not ask the server: {exc}"
+            self.missing["postgres"] = "could not ask the server: " + " ".join(str(exc).split())
             return None
         # The backend pid is this machine's only when the server is: a postmaster
         # started when the server says it was is the one.
@@ -882,6 +882,9 @@ class Bench:
         notes["p50_ms"], notes["p99_ms"] = notes["committed"]["p50_ms"], notes["committed"]["p99_ms"]
         notes["missing"] = missing
         notes["receivers_cpu_s"] = round(client_cpu, 2)
+        # What the publisher reached: on a busy machine it can fall behind the offer.
+        span = max(sent.values()) - min(sent.values()) if len(sent) > 1 else 0.0
+        notes["published_per_s"] = round((len(sent) - 1) / span) if span > 0 else None
         return Part(
             "latency", f"latency at {a.latency_rate:,}/s: publish → committed, SSE, NATS change",
             total, a.latency_seconds, a.latency_rate, cpu=self.cpu.split(before, after, total), notes=notes,
@@ -1005,9 +1008,21 @@ def _cpu_text(cpu: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="dcmstatus-bench-"))
-    servers = Servers(args.nats_url, args.database_url, work_dir, args.publish_window)
-    bench = Bench(args, servers, work_dir)
     started = time.monotonic()
+    try:
+        servers = Servers(args.nats_url, args.database_url, work_dir, args.publish_window)
+    except Exception as exc:
+        # Without servers no part can run: say so in the table, not in a traceback.
+        reason = " ".join(f"the servers did not start: {type(exc).__name__}: {exc}".split())[:1500]
+        rows = [Part(name, name, error=reason) for name in args.parts]
+        summary = {"correct": True, "failed_parts": list(args.parts), "wall_seconds": round(time.monotonic() - started, 1),
+                   "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}", "cpu_unavailable": {}}  # fmt: skip
+        if args.json:
+            print(json.dumps({"parts": [asdict(p) for p in rows], "targets": [], "summary": summary}, indent=2))
+        else:
+            print(_table(rows, [], summary))
+        return 3
+    bench = Bench(args, servers, work_dir)
     parts = set(args.parts)
     try:
         if parts & {"drain", "feed", "ceilings"}:

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instances of the scale drain and of the API parts' table [default 100000]",
     )  # fmt: skip
     parser.add_argument("--duplicate-ratio", type=float, default=0.5, help="share of same-status re-publishes [default 0.5]")
-    parser.add_argument("--reference-events", type=int, default=20_000, help="events for the reference design [default 20000]")
+    parser.add_argument("--reference-events", type=int, default=10_000, help="events for the reference design [default 10000]")
     parser.add_argument("--latency-rate", type=int, default=5000, help="offered events/s for the latency part [default 5000]")
     parser.add_argument("--latency-seconds", type=float, default=20, help="duration of the latency part [default 20]")
     parser.add_argument("--memory-events", type=int, default=1_000_000, help="backlog of the memory part [default 1000000]")
