@@ -40,6 +40,7 @@ import asyncio
 import json
 import os
 import random
+import select
 import subprocess
 import sys
 import tempfile
@@ -499,9 +500,11 @@ class Client:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 60.0) -> None:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the client prints "ready" (or dies)
+        # The client prints "ready" (or dies); one that does neither in time fails the part.
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if readable else ""
         if line.strip() != "ready":
             self.proc.kill()
             raise RuntimeError(f"bench client {self.kind} did not start: {self.proc.stderr.read()[-1500:]}")  # type: ignore[union-attr]
