@@ -41,6 +41,7 @@ import json
 import os
 import random
 import select
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -700,6 +701,26 @@ class Bench:
             notes["api"] = load_result
         return Part(key, name, n, round(seconds, 3), n / seconds, cpu=self.cpu.split(before, after, n), notes=notes)
 
+    def repeat_feed_pairs(self, workload: Workload, extra_pairs: int) -> None:
+        """More feed-on/feed-off drains, alternating, for a feed cost that
+        stands above a busy machine's noise: each pair's ratio goes into the
+        `drain_feed_off` row's `pairs`, and the target takes their median."""
+        p = {part.key: part for part in self.parts if part.error is None}
+        if "drain" not in p or "drain_feed_off" not in p:
+            return
+        pairs = [_feed_pair(p["drain"], p["drain_feed_off"])]
+        for n in range(extra_pairs):
+            self.say(f"change feed: pair {n + 2} of {extra_pairs + 1}")
+            try:
+                on = self.drain("drain", "backlog drain (repeat)", workload)
+                off = self.drain("drain_feed_off", "backlog drain, feed off (repeat)", workload, extra=["--no-change-events"])
+            except Exception as exc:
+                self.say(f"change feed pair {n + 2} could not run: {exc}")
+                p["drain_feed_off"].notes["pairs_error"] = " ".join(str(exc).split())[:500]
+                break
+            pairs.append(_feed_pair(on, off))
+        p["drain_feed_off"].notes["pairs"] = pairs
+
     # -- ceilings ---------------------------------------------------------------------------
 
     def consume_only(self, workload: Workload) -> Part:
@@ -1000,6 +1021,26 @@ class Bench:
         return [quiet, loaded]
 
 
+def _feed_pair(on: Part, off: Part) -> dict[str, Any]:
+    tail = on.notes.get("cpu_with_feed_tail") or on.cpu
+
+    def total(cpu: dict[str, Any]) -> float | None:
+        values = [cpu.get(f"{c}_us") for c in COMPONENTS]
+        return None if None in values else sum(values)  # type: ignore[arg-type]
+
+    on_cpu, off_cpu = total(tail), total(off.cpu)
+    return {
+        "on_per_s": round(on.rate or 0), "off_per_s": round(off.rate or 0),
+        "throughput_cost": round(1 - (on.rate or 0) / off.rate, 3) if off.rate else None,
+        "cpu_cost": round(on_cpu / off_cpu - 1, 3) if on_cpu is not None and off_cpu else None,
+    }  # fmt: skip
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return statistics.median(values) if values else None
+
+
 def _cpu_text(cpu: dict[str, Any]) -> str:
     if not cpu:
         return ""
@@ -1038,6 +1079,8 @@ def run(args: argparse.Namespace) -> int:
             bench.attempt("drain_feed_off", "backlog drain, change feed off", lambda: bench.drain(
                 "drain_feed_off", "backlog drain, change feed off (--no-change-events)", workload,
                 extra=["--no-change-events"]))
+            if "drain" in parts and args.feed_repeat > 1:
+                bench.repeat_feed_pairs(workload, args.feed_repeat - 1)
         large = None
         if parts & {"scale", "api"}:
             large = make_workload(args.events, args.instances_large, args.duplicate_ratio, seed=13)
@@ -1133,6 +1176,12 @@ def _targets(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
         lambda: p["memory"].notes["peak_rss_mb"], "≤ 100", lambda v: v <= 100)
     add("change feed cost, throughput: 1 − (drain rate feed on ÷ feed off)", ["drain", "drain_feed_off"],
         lambda: 1 - p["drain"].rate / p["drain_feed_off"].rate, "≤ 0.10", lambda v: v <= 0.10)  # type: ignore[operator]
+    pairs = p["drain_feed_off"].notes.get("pairs") if "drain_feed_off" in p else None
+    if pairs:
+        add(f"change feed cost, throughput, median of {len(pairs)} alternating pairs", ["drain", "drain_feed_off"],
+            lambda: _median([x["throughput_cost"] for x in pairs]), "≤ 0.10", lambda v: v <= 0.10)
+        add(f"change feed cost, CPU per event, median of {len(pairs)} alternating pairs", ["drain", "drain_feed_off"],
+            lambda: _median([x["cpu_cost"] for x in pairs]), "≤ 0.10", lambda v: v <= 0.10)
     add("change feed cost, CPU per event of all three (relay's tail included)", ["drain", "drain_feed_off"],
         lambda: sum(p["drain"].notes["cpu_with_feed_tail"][f"{c}_us"] for c in COMPONENTS) / total_cpu("drain_feed_off") - 1,
         "≤ 0.10", lambda v: v <= 0.10)
@@ -1156,7 +1205,7 @@ def _targets(bench: Bench, args: argparse.Namespace) -> list[dict[str, Any]]:
 def _notes_text(notes: dict[str, Any]) -> str:
     out = []
     for k, v in notes.items():
-        if k in ("api", "statuses", "p50_ms", "p99_ms", "missing", "service", "instances"):
+        if k in ("api", "statuses", "p50_ms", "p99_ms", "missing", "service", "instances", "pairs"):
             continue  # shown elsewhere, or in --json only
         if isinstance(v, dict):
             if "p99_ms" in v:

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-seconds", type=float, default=20, help="duration of the latency part [default 20]")
     parser.add_argument("--memory-events", type=int, default=1_000_000, help="backlog of the memory part [default 1000000]")
     parser.add_argument("--duplicate-events", type=int, default=50_000, help="events of each duplicate-cost drain [default 50000]")
+    parser.add_argument(
+        "--feed-repeat", type=int, default=1, metavar="N",
+        help="run the feed-on/feed-off drains N times, alternating, and report the median feed cost [default 1]",
+    )  # fmt: skip
     parser.add_argument("--api-clients", type=int, default=32, help="keep-alive HTTP clients of the API parts [default 32]")
     parser.add_argument("--api-seconds", type=float, default=8, help="duration of each quiet API load [default 8]")
     parser.add_argument(

@@ -19,11 +19,11 @@ PART_KEYS = {
 TINY = [
     "--events", "3000", "--instances", "300", "--instances-large", "1000", "--reference-events", "300",
     "--latency-rate", "200", "--latency-seconds", "2", "--memory-events", "3000", "--duplicate-events", "1000",
-    "--api-seconds", "1", "--api-clients", "4",
+    "--api-seconds", "1", "--api-clients", "4", "--feed-repeat", "2",
 ]  # fmt: skip
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "dcmstatus", "bench", *args], capture_output=True, text=True, timeout=300
     )
@@ -68,8 +68,12 @@ def test_bench_smoke_run_reports_every_part_with_its_cpu_split(pg_server_url, na
     assert loaded["api"]["requests"] > 0 and loaded["api_timeouts_during_drain"] == 0
     assert parts["api_get"]["notes"]["statuses"] == {"200": parts["api_get"]["events"]}
 
+    pairs = parts["drain_feed_off"]["notes"]["pairs"]  # --feed-repeat 2: two alternating on/off pairs
+    assert len(pairs) == 2 and all(isinstance(x["cpu_cost"], float) for x in pairs), pairs
+
     targets = {t["name"]: t for t in report["targets"]}
-    assert len(targets) >= 15
+    assert len(targets) >= 17
+    assert any("median of 2 alternating pairs" in name for name in targets)
     for t in targets.values():
         # Every target has a value from this run (all parts ran), or says why not.
         assert t["value"] is not None or t["why"], t
