@@ -192,9 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="measure throughput, latency and memory against the limits of this machine",
-        description="Run the benchmark (see scripts/bench.py): backlog drain, consume-only and write-only "
-        "ceilings, the one-UPDATE-per-event reference design, latency at a fixed rate, peak memory, "
-        "and what a duplicate costs; prints a table (or --json). Starts its own servers unless given URLs.",
+        description="Run the benchmark (see docs/performance.md): backlog drains (change feed on and off, "
+        "10k and 100k instances), consume-only and write-only ceilings, the one-UPDATE-per-event reference "
+        "design, latency at a fixed rate (committed, SSE, NATS change), peak memory, what a duplicate costs, "
+        "and the HTTP API quiet and against a drain, each with the CPU per event of the service, nats-server "
+        "and PostgreSQL; prints a table and the targets (or --json). Starts its own servers unless given URLs.",
     )
     from dcmstatus.devtools.bench_options import add_arguments as add_bench_arguments
 
