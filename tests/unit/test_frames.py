@@ -513,3 +513,13 @@ async def test_a_parser_that_fails_its_check_leaves_the_frame_hook_in_charge(mon
     assert source.fast_path and not source.frame_parser and "parse" not in vars(nc._ps)
     await nc._ps.parse(wire(b"dcm.vm", SID, ACK, EVENT, None))
     assert len(drain(receive)) == 1
+
+
+async def test_a_delivery_carries_the_backlog_its_ack_subject_states():
+    """The last number of the ack subject: what the stream still held for the
+    consumer (the pipeline lets batches fill while it is not 0)."""
+    _source, nc, receive = hooked_source()
+    await nc._process_msg(SID, b"dcm.vm", b"$JS.ACK.s.c.1.42.42.1700000000000000000.9137", EVENT, None)
+    await nc._process_msg(SID, b"dcm.vm", DOMAIN_ACK.replace(b".0.token", b".12.token"), EVENT, None)
+    await nc._process_msg(SID, b"dcm.vm", b"$JS.ACK.s.c.1.44.44.1700000000000000000.x", EVENT, None)
+    assert [(d.stream_seq, d.pending, d.unreadable) for d in drain(receive)] == [(42, 9137, None), (43, 12, None), (44, 0, None)]

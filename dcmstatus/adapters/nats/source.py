@@ -475,12 +475,14 @@ class JetStreamSource:
                 ack = reply.decode()
                 tokens = ack.split(".")
                 if len(tokens) == 9 and tokens[1] == "ACK" and tokens[0] == "$JS":
-                    seq, ts = int(tokens[5]), int(tokens[7])
+                    seq, ts, pending = int(tokens[5]), int(tokens[7]), tokens[8]
                 elif len(tokens) >= 11 and tokens[1] == "ACK" and tokens[0] == "$JS":  # with domain and account hash
-                    seq, ts = int(tokens[7]), int(tokens[9])
+                    seq, ts, pending = int(tokens[7]), int(tokens[9]), tokens[10]
                 else:
                     raise ValueError(ack)
-                delivery = Delivery(subject.decode(), None, data, seq, ts, ack)
+                # The consumer's backlog, a hint only: what is not a number is 0.
+                backlog = int(pending) if pending.isascii() and pending.isdigit() else 0
+                delivery = Delivery(subject.decode(), None, data, seq, ts, ack, None, backlog)
             except Exception:
                 pass
             else:
