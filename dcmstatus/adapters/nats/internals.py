@@ -240,7 +240,8 @@ def install_frame_parser(
 ) -> None:
     """Read runs of `sub`'s frames straight off each chunk nats-py reads
     (see the module docstring); `on_frame` and `after` as for
-    install_frame_hook, `after()` awaited at most once per chunk. Install
+    install_frame_hook, but `after()` is awaited at most once per chunk, when
+    `on_frame` returned True for one of its frames. Install
     the frame hook too: frames this hands to nats-py's parser reach us
     through it. Check `frame_parser_problem()` first."""
     _install_parser(nc._ps, sub._id, on_frame, after, on_error)

@@ -460,14 +460,27 @@ class JetStreamSource:
         # Checked once per process (a self-test of ~10 ms), then per client.
         problem = _frame_parser_problem(self._nc)
         if problem is None:
-            internals.install_frame_parser(self._nc, self._sub, self._on_frame, self._refill, self._on_hook_error)
+            internals.install_frame_parser(
+                self._nc, self._sub, self._read_frame, self._refill_if_room, self._on_hook_error
+            )
         elif self._nc is not None and hasattr(self._nc, "_ps"):  # a real client: worth saying
             log.warning("NATS frame parser not used, frames go through nats-py's parser (slower): %s", problem)
         self.frame_parser = problem is None
 
     def _on_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
-        """One frame of our inbox, as bytes (the fast path). Returns whether
+        """One frame of our inbox, as bytes (the frame hook). Returns whether
         a pull request may be due. Raises only on a bug (the hook catches it)."""
+        return self._read_frame(subject, reply, data, headers) and self._room_for_a_pull()
+
+    async def _refill_if_room(self) -> None:
+        """The frame parser's `after`, once per chunk that delivered: the
+        credit is looked at once per chunk, not once per frame."""
+        if self._room_for_a_pull():
+            await self._refill()
+
+    def _read_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """One frame of our inbox, as bytes (the fast path). Returns whether
+        a message was delivered. Raises only on a bug (the caller catches it)."""
         if headers is None:
             # The common frame, read inline (frames.ack_position, inlined);
             # anything odd about it raises, and it is read again, carefully.
@@ -487,8 +500,8 @@ class JetStreamSource:
                 pass
             else:
                 self._deliver(delivery)
-                return self._room_for_a_pull()
-        return self._take(read_frame(subject, reply, headers), data) and self._room_for_a_pull()
+                return True
+        return self._take(read_frame(subject, reply, headers), data)
 
     def _take(self, frame: Frame, data: bytes) -> bool:
         """A frame read carefully: a pull status, a delivery (maybe unreadable),
