@@ -113,6 +113,7 @@ class JetStreamSource:
         self.consumer_ok = False
         self._watch = StallWatch(settings.stall_timeout)
         self.fast_path = False  # true once the frame hook is installed
+        self.frame_parser = False  # true once the frame parser is installed too
         self._send_acks = _publish_acks  # internals.send_acks with the fast path
         self.acks_failing = False  # the most recent ack send failed
         self._events = EventLog(log)  # rate-limited lines about dropped frames
@@ -456,10 +457,30 @@ class JetStreamSource:
                 "%s; a subject with a vertical tab or form feed may reset the NATS connection (docs/operations.md)",
                 problem,
             )
+        # Checked once per process (a self-test of ~10 ms), then per client.
+        problem = _frame_parser_problem(self._nc)
+        if problem is None:
+            internals.install_frame_parser(
+                self._nc, self._sub, self._read_frame, self._refill_if_room, self._on_hook_error
+            )
+        elif self._nc is not None and hasattr(self._nc, "_ps"):  # a real client: worth saying
+            log.warning("NATS frame parser not used, frames go through nats-py's parser (slower): %s", problem)
+        self.frame_parser = problem is None
 
     def _on_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
-        """One frame of our inbox, as bytes (the fast path). Returns whether
+        """One frame of our inbox, as bytes (the frame hook). Returns whether
         a pull request may be due. Raises only on a bug (the hook catches it)."""
+        return self._read_frame(subject, reply, data, headers) and self._room_for_a_pull()
+
+    async def _refill_if_room(self) -> None:
+        """The frame parser's `after`, once per chunk that delivered: the
+        credit is looked at once per chunk, not once per frame."""
+        if self._room_for_a_pull():
+            await self._refill()
+
+    def _read_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """One frame of our inbox, as bytes (the fast path). Returns whether
+        a message was delivered. Raises only on a bug (the caller catches it)."""
         if headers is None:
             # The common frame, read inline (frames.ack_position, inlined);
             # anything odd about it raises, and it is read again, carefully.
@@ -467,18 +488,20 @@ class JetStreamSource:
                 ack = reply.decode()
                 tokens = ack.split(".")
                 if len(tokens) == 9 and tokens[1] == "ACK" and tokens[0] == "$JS":
-                    seq, ts = int(tokens[5]), int(tokens[7])
+                    seq, ts, pending = int(tokens[5]), int(tokens[7]), tokens[8]
                 elif len(tokens) >= 11 and tokens[1] == "ACK" and tokens[0] == "$JS":  # with domain and account hash
-                    seq, ts = int(tokens[7]), int(tokens[9])
+                    seq, ts, pending = int(tokens[7]), int(tokens[9]), tokens[10]
                 else:
                     raise ValueError(ack)
-                delivery = Delivery(subject.decode(), None, data, seq, ts, ack)
+                # The consumer's backlog, a hint only: what is not a number is 0.
+                backlog = int(pending) if pending.isascii() and pending.isdigit() else 0
+                delivery = Delivery(subject.decode(), None, data, seq, ts, ack, None, backlog)
             except Exception:
                 pass
             else:
                 self._deliver(delivery)
-                return self._room_for_a_pull()
-        return self._take(read_frame(subject, reply, headers), data) and self._room_for_a_pull()
+                return True
+        return self._take(read_frame(subject, reply, headers), data)
 
     def _take(self, frame: Frame, data: bytes) -> bool:
         """A frame read carefully: a pull status, a delivery (maybe unreadable),
@@ -644,7 +667,7 @@ class JetStreamSource:
                 log.debug("unsubscribing the stalled inbox: %s", exc)
         # The fast path hook filters on the old subscription's id: remove it
         # (nats-py's own method shows through again) so the new one replaces it.
-        vars(self._nc).pop("_process_msg", None)
+        internals.remove_frame_hook(self._nc)
         await self._subscribe()
 
     async def _on_error(self, exc: Exception) -> None:
@@ -703,6 +726,17 @@ async def _publish_acks(nc: Any, tokens: list[str]) -> None:
     """Acks through the public API (the fallback of internals.send_acks)."""
     for token in tokens:
         await nc.publish(token, b"+ACK")
+
+
+_PARSER_SELF_TEST: dict[type, str | None] = {}
+
+
+def _frame_parser_problem(nc: Any) -> str | None:
+    """internals.frame_parser_problem, its self-test run once per parser class."""
+    parser_class = type(getattr(nc, "_ps", None))
+    if parser_class not in _PARSER_SELF_TEST:
+        _PARSER_SELF_TEST[parser_class] = internals.frame_parser_problem(nc)
+    return _PARSER_SELF_TEST[parser_class]
 
 
 def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:

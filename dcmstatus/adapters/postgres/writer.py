@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import psycopg
 import psycopg.errors
 import trio
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from dcmstatus.adapters.postgres.conninfo import with_defaults
 from dcmstatus.core.batching import WriteBatch
@@ -178,6 +181,9 @@ SELECT * FROM unnest(
 _PRUNE_REJECTIONS = "DELETE FROM rejected_events WHERE id <= (SELECT max(id) FROM rejected_events) - %s"
 
 _json = msgspec.json.Encoder()
+_TEXT_OID: Final = 25
+_TEXT_ARRAY_OID: Final = 1009
+_ARRAY_HEADER: Final = struct.Struct(">iiIii")  # ndim, has nulls, element oid, length, lower bound
 
 # Errors that say "this data", not "this database": a value a column refuses,
 # a constraint, a trigger's RAISE. (A failed dump of a Python value is a
@@ -284,6 +290,7 @@ class StatusStore:
                     keepalives_count=3,
                 )
             )
+            self._conn.adapters.register_dumper(_TextArray, _TextArrayDumper)
         return self._conn
 
     def _apply_updates(self, conn: psycopg.Connection, batch: WriteBatch) -> BatchResult:
@@ -342,17 +349,70 @@ class StatusStore:
 _NOTHING = BatchResult(0, 0, ())
 
 
-def _event_params(ups: list[StatusUpdate]) -> dict[str, list[Any]]:
+def _event_params(ups: list[StatusUpdate]) -> dict[str, Any]:
+    # The text columns as ready binary text[] values (see _TextArray): service
+    # types, statuses, providers and messages repeat across a batch, so their
+    # elements come from a cache; psycopg's list dumper costs ~0.19 µs per
+    # element and column.
     return {
-        "ids": [u.instance_id for u in ups],
-        "types": [u.service_type for u in ups],
-        "statuses": [u.status for u in ups],
-        "messages": [u.message for u in ups],
-        "providers": [u.provider for u in ups],
-        "outputs": [None if u.outputs is None else u.outputs.decode() for u in ups],
+        "ids": _text_array([u.instance_id for u in ups]),
+        "types": _text_array([u.service_type for u in ups], _REPEATED),
+        "statuses": _text_array([u.status for u in ups], _REPEATED),
+        "messages": _text_array([u.message for u in ups], _REPEATED),
+        "providers": _text_array([u.provider for u in ups], _REPEATED),
+        "outputs": _text_array([None if u.outputs is None else u.outputs.decode() for u in ups]),
         "times": [u.event_time for u in ups],
         "seqs": [u.stream_seq for u in ups],
     }
+
+
+class _TextArray:
+    """A text[] parameter already in PostgreSQL's binary array form."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _TextArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _TEXT_ARRAY_OID
+
+    def dump(self, obj: Any) -> bytes:
+        return obj.data
+
+
+_NULL_ELEMENT: Final = b"\xff\xff\xff\xff"  # length -1
+# Element bytes of recurring values, across batches and writer threads (a
+# dict's get and setdefault are atomic; a value missed is encoded again).
+_REPEATED: dict[str | None, bytes] = {}
+_REPEATED_LIMIT: Final = 10_000  # then it starts afresh: messages can be as many as events
+
+
+def _element(value: str | None) -> bytes:
+    """One element of a binary text array: its length, then its UTF-8 bytes.
+    Text that cannot be encoded (a lone surrogate) raises UnicodeEncodeError,
+    a ValueError: a refusal, as psycopg's own dumper would make it."""
+    if value is None:
+        return _NULL_ELEMENT
+    data = value.encode()
+    return len(data).to_bytes(4, "big") + data
+
+
+def _text_array(values: list[str | None], cache: dict[str | None, bytes] | None = None) -> _TextArray:
+    """PostgreSQL's binary form of a one-dimensional text[] (array_recv):
+    dimensions 1, a has-nulls flag, the element type, the length and lower
+    bound 1, then each element."""
+    if cache is None:
+        elements = list(map(_element, values))
+    else:
+        if len(cache) > _REPEATED_LIMIT:
+            cache.clear()
+        get = cache.get
+        elements = [get(v) or cache.setdefault(v, _element(v)) for v in values]
+    header = _ARRAY_HEADER.pack(1, None in values, _TEXT_OID, len(values), 1)
+    return _TextArray(header + b"".join(elements))
 
 
 def _storable(text: str | None) -> str | None:
