@@ -55,6 +55,7 @@ class Variant:
     def __init__(self, name: str, ref: str | None, work: Path, extra: str = "", settings: str = "") -> None:
         self.name = name
         self.extra = extra
+        self.mid_checkpoint = name.endswith("+cp")
         if ref is None:
             self.writer: Any = new_writer
             self.migrations = [sql for _, sql in new_schema.migration_files()]
@@ -68,7 +69,7 @@ class Variant:
             server_cls = _settings_of(ref)
         if settings:
             server_cls = _with_settings(server_cls, dict(kv.split("=", 1) for kv in settings.split(",")))
-        self.server = server_cls(work / name, fsync=True)
+        self.server = server_cls(work / name.replace("+", "_"), fsync=True)
 
     def start(self) -> None:
         self.url = self.server.start()
@@ -77,7 +78,7 @@ class Variant:
         self.server.stop()
 
     def fresh_database(self, instances: list[tuple[str, str]]) -> str:
-        name = f"drain_{self.name}_{time.monotonic_ns()}"
+        name = f"drain_{self.name.replace('+', '_')}_{time.monotonic_ns()}"
         url = create_database(self.url, name)
         with psycopg.connect(url, autocommit=True) as conn:
             for sql in self.migrations:
@@ -207,7 +208,13 @@ def drain(v: Variant, url: str, shards: list[list[WriteBatch]], n: int) -> dict[
     results: list[list[Any]] = [[] for _ in shards]
 
     def run(i: int) -> None:
-        results[i] = [stores[i].apply_sync(b) for b in shards[i]]
+        for k, b in enumerate(shards[i]):
+            if v.mid_checkpoint and i == 0 and k == len(shards[i]) // 2:
+                # What a checkpoint falling inside the drain costs (the
+                # server's own come every checkpoint_timeout or max_wal_size).
+                with psycopg.connect(url, autocommit=True) as c:
+                    c.execute("CHECKPOINT")
+            results[i].append(stores[i].apply_sync(b))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(shards))]
     for t in threads:
@@ -286,14 +293,14 @@ def main() -> None:
     p.add_argument("--writers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--base", default="main", help="git ref of the baseline")
-    p.add_argument("--only", default="base,new")
+    p.add_argument("--only", default="base,new", help="variants: base, new; a +cp suffix checkpoints mid-drain")
     p.add_argument("--extra", default="", help="SQL run on the new variant's database after its migrations")
     p.add_argument("--set", default="", help="k=v,... more settings of the new variant's server")
     p.add_argument("--explain", action="store_true", help="print EXPLAIN of a batch from the drain's middle")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pg-drain-"))
     variants = [
-        Variant("base", a.base, work) if name == "base" else Variant("new", None, work, a.extra, a.set)
+        Variant(name, a.base, work) if name.startswith("base") else Variant(name, None, work, a.extra, a.set)
         for name in a.only.split(",")
     ]
     for v in variants:
