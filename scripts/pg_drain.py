@@ -22,6 +22,7 @@ from __future__ import annotations
 import trio_asyncio  # noqa: F401  # isort: skip  # before psycopg (docs/architecture.md#import-order)
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -350,6 +351,7 @@ def main() -> None:
     finally:
         for v in variants:
             v.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the servers' data dirs
 
 
 if __name__ == "__main__":
