@@ -75,15 +75,24 @@ _UPDATE_ROWS = """
             OR ev.message IS DISTINCT FROM t.status_message
             OR ev.provider IS DISTINCT FROM t.provider_name
             OR (ev.outputs IS NOT NULL AND ev.outputs::jsonb IS DISTINCT FROM t.outputs))
-    RETURNING t.instance_id
+    RETURNING t.instance_id, t.service_type
 """
 
+# Unknown instances: of the events no row took (what the update did not
+# return), those with no row of their type. Only these few - stale events and
+# unknown ids - look the table up a second time, not every event of the
+# batch; MATERIALIZED keeps the planner from probing the table first.
 _APPLY_UPDATES = f"""
-WITH ev AS ({_EVENTS}), upd AS ({_UPDATE_ROWS})
+WITH ev AS ({_EVENTS}), upd AS ({_UPDATE_ROWS}),
+missed AS MATERIALIZED (
+    SELECT instance_id, service_type FROM ev EXCEPT ALL SELECT instance_id, service_type FROM upd
+)
 SELECT (SELECT count(*) FROM upd),
-       ARRAY(SELECT ev.instance_id FROM ev WHERE NOT EXISTS (
-           SELECT 1 FROM service_type_instances AS t
-            WHERE t.instance_id = ev.instance_id AND t.service_type = ev.service_type))
+       ARRAY(SELECT m.instance_id FROM missed AS m
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM service_type_instances AS t
+                     WHERE t.instance_id = m.instance_id AND t.service_type = m.service_type)
+              ORDER BY m.instance_id)
 """
 
 # Parking (docs/database.md#parked-events), only for a batch that met unknown
