@@ -89,6 +89,7 @@ class Service:
                 url=nats_url,
                 stream=config.stream,
                 stream_max_age=config.stream_max_age,
+                stream_replicas=config.stream_replicas,
                 subjects=config.subjects,
                 durable=config.durable,
                 ack_wait=config.ack_wait,
@@ -174,6 +175,7 @@ class Service:
                         stream=config.changes_stream,
                         subject_prefix=config.changes_subject_prefix,
                         max_age=config.changes_retention,
+                        replicas=config.stream_replicas,
                     )
                 ),
             )
