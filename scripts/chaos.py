@@ -590,6 +590,7 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
         args.faults = args.faults_per_kind * len(kinds)
     plan = fault_plan(rng, kinds, args.faults, even=args.even or bool(args.faults_per_kind))
     injected: collections.Counter = collections.Counter()
+    leaders_hit: collections.Counter = collections.Counter()  # node faults that hit the stream's leader
     checks: list[tuple[str, bool, str]] = []
     nats_server: EmbeddedNats | NatsCluster = (
         NatsCluster(workdir / "nats", size=args.nats_cluster) if args.nats_cluster else EmbeddedNats(workdir / "nats")
@@ -619,8 +620,10 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
 
         def publisher():
             try:
+                # A long workload at a bounded rate takes its own time, plus the timeout.
+                deadline = args.timeout + (len(workload.events) / args.rate if args.rate > 0 else 0)
                 result["retried"] = asyncio.run(
-                    publish_events(nats_server.url, workload.events, rate=args.rate, progress=progress)
+                    publish_events(nats_server.url, workload.events, rate=args.rate, progress=progress, deadline=deadline)
                 )
             except BaseException as exc:
                 result["error"] = exc
@@ -633,8 +636,10 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
             crashes += restart_crashed(services, out)
             detail = inject(kind, rng, services, nats_server, pg)
             injected[kind] += 1
+            if "(the stream leader)" in detail:
+                leaders_hit[kind] += 1
             log(out, f"fault {faults_done}/{args.faults}: {kind}{detail} (published {progress[0]}/{len(workload.events)})")
-        thread.join(args.timeout)
+        thread.join(args.timeout + (len(workload.events) / args.rate if args.rate > 0 else 0))
         if thread.is_alive() or "error" in result:
             raise AssertionError(f"publishing failed: {result.get('error', 'timed out')}")
         crashes += restart_crashed(services, out)
@@ -667,6 +672,8 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
             ("servers", topology(args, state, pg)),
             ("stream messages", str(state["messages"])),
             ("faults injected", f"{sum(injected.values())}: " + ", ".join(f"{k}={v}" for k, v in sorted(injected.items()))),
+            *([("stream leader hit", ", ".join(f"{k}={v}" for k, v in sorted(leaders_hit.items())) or "never")]
+              if args.nats_cluster else []),
             ("service starts", ", ".join(f"{s.name}={s.starts}" for s in services) + f" ({crashes} after a crash)"),
             ("lost", str(len(lost))),
             ("wrong", str(len(wrong))),
