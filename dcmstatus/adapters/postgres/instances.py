@@ -66,11 +66,12 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
     PostgreSQL pushes these two settings to every session). The new
     connection goes where the URL's target_session_attrs sends it
     (docs/reliability.md#replication-and-failover)."""
+    psycopg_pool.ConnectionPool.check_connection(conn)  # first: its answer brings what changed
     info = conn.info
     for setting in ("in_hot_standby", "default_transaction_read_only"):
         if info.parameter_status(setting) == "on":
+            conn.close()  # the pool keeps a failed connection that is still open
             raise psycopg.OperationalError(f"the server reports {setting} = on")
-    psycopg_pool.ConnectionPool.check_connection(conn)
 
 
 class Instance(msgspec.Struct, frozen=True):
