@@ -215,6 +215,10 @@ class NatsCluster:
 
 # ----------------------------------------------------------------- PostgreSQL
 
+# replication.conf: synchronous_standby_names = '*' (every standby counts: a
+# commit returns once one has flushed it), or '' when asynchronous.
+_INCLUDE = "include_if_exists = 'replication.conf'  # written by dcmstatus (devtools/cluster.py)"
+
 # Streaming replication connects to the "replication" pseudo-database, which
 # "all" does not cover: with the password, as every client over TCP.
 _PG_HBA_REPLICATION = _PG_HBA + "host  replication all all scram-sha-256\n"
@@ -246,9 +250,16 @@ class PgNode(EmbeddedPostgres):
             # A promoted standby keeps its standby.signal no longer; the file
             # must not be there when it starts as a primary.
             (self.pgdata / "standby.signal").unlink(missing_ok=True)
-        write_private(
-            self.pgdata / "pg_hba.conf", _PG_HBA_REPLICATION, self._run_as[1:] if self._run_as else None
-        )
+        owner = self._run_as[1:] if self._run_as else None
+        write_private(self.pgdata / "pg_hba.conf", _PG_HBA_REPLICATION, owner)
+        # In a file of postgresql.conf, not on the command line, so that
+        # ALTER SYSTEM (set_synchronous) can still change it.
+        names = "*" if self.pair.synchronous else ""
+        write_private(self.pgdata / "replication.conf", f"synchronous_standby_names = '{names}'\n", owner)
+        conf = self.pgdata / "postgresql.conf"
+        if _INCLUDE not in conf.read_text():
+            with conf.open("a") as file:
+                file.write(f"\n{_INCLUDE}\n")
 
     def _basebackup(self) -> None:
         """PGDATA as a copy of the primary's, with standby.signal and
@@ -297,8 +308,6 @@ class PgNode(EmbeddedPostgres):
             "wal_keep_size": "256MB",
             "hot_standby": "on",
             "synchronous_commit": "on",
-            # Every standby counts: a commit returns once one has flushed it.
-            "synchronous_standby_names": "*" if self.pair.synchronous else "",
             "wal_sender_timeout": "5s",
             "wal_receiver_status_interval": "1s",
             "wal_retrieve_retry_interval": "200ms",
@@ -353,6 +362,13 @@ class PgNode(EmbeddedPostgres):
 
     def in_recovery(self) -> bool:
         return bool(self.sql("SELECT pg_is_in_recovery()")[0][0])
+
+    def set_synchronous(self, on: bool) -> None:
+        """Turn synchronous commit (waiting for a standby) on or off on this
+        running primary: off lets a primary whose standby is gone for good
+        commit alone, with the asynchronous guarantee."""
+        self.sql(f"ALTER SYSTEM SET synchronous_standby_names = '{'*' if on else ''}'")
+        self.sql("SELECT pg_reload_conf()")
 
     def promote(self, timeout: int = 60) -> None:
         """Promote this standby (pg_promote(), waiting until it is done)."""
@@ -420,8 +436,18 @@ class PgPair:
         return self.url
 
     def stop(self) -> None:
-        for node in (self.standby, self.primary):
+        for node in sorted(self.nodes, key=lambda node: not node.standby):  # the standby first
             node.stop()
+
+    def promote(self) -> PgNode:
+        """Promote the standby; the old primary (stopped or dead, or to be
+        fenced by the caller) is a standby-to-be. Returns the new primary."""
+        old, new = self.primary, self.standby
+        new.promote()
+        old.standby = True
+        self.failovers += 1
+        log.info("failover %d: pg%d promoted, pg%d was the primary", self.failovers, new.index, old.index)
+        return new
 
     def wait_streaming(self, timeout: float = 60.0) -> None:
         """Wait until the primary reports its standby streaming (and, when
@@ -442,14 +468,12 @@ class PgPair:
     def failover(self, *, rejoin: bool = True) -> PgNode:
         """Kill the primary (SIGKILL), promote the standby; then, with
         `rejoin`, make the old primary the new one's standby (a fresh
-        basebackup: it may hold WAL the new primary never had). Returns the
-        new primary."""
-        old, new = self.primary, self.standby
+        basebackup: it may hold WAL the new primary never had). Without,
+        a synchronous new primary waits at every commit until a standby
+        attaches (or `set_synchronous(False)`). Returns the new primary."""
+        old = self.primary
         old.kill()
-        new.promote()
-        old.standby = True
-        self.failovers += 1
-        log.info("failover %d: pg%d promoted, pg%d was the primary", self.failovers, new.index, old.index)
+        new = self.promote()
         if rejoin:
             self.rejoin(old)
         return new
