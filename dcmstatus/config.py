@@ -133,6 +133,13 @@ class ServeConfig:
         7 * 24 * 3600.0, "retention (seconds) of a stream dcmstatus creates itself; 0 = unbounded", type=float,
         role="consumer",
     )
+    stream_replicas: int | None = _opt(
+        None,
+        "replicas (1 to 5) of a stream dcmstatus creates itself; unset: 1 on a single NATS server, 3 when the "
+        "server reports a cluster (docs/reliability.md#clustered-servers)",
+        type=int,
+        role="consumer",
+    )
     subjects: str = _opt("dcm.*", "subject filter of the stream and the consumer", role="consumer")
     durable: str = _opt(
         "dcmstatus", "durable consumer name, shared by replicas; never one of DCM's own (control-plane, ...)",
@@ -348,6 +355,8 @@ class ServeConfig:
             )
         if self.stream_max_age < 0:
             raise ValueError("--stream-max-age must be 0 (unbounded) or positive")
+        if self.stream_replicas is not None and not 1 <= self.stream_replicas <= 5:
+            raise ValueError("--stream-replicas must be between 1 and 5 (JetStream keeps at most 5 replicas)")
         if self.durable in DCM_DURABLES:
             raise ValueError(
                 f"--durable {self.durable!r} is a durable consumer of DCM itself: sharing it would split DCM's "

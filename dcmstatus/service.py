@@ -43,7 +43,7 @@ from dcmstatus.adapters.nats.changes import ChangePublisher, ChangeStreamSetting
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.conninfo import check_conninfo, with_defaults
-from dcmstatus.adapters.postgres.instances import InstanceStore
+from dcmstatus.adapters.postgres.instances import InstanceStore, check_connection
 from dcmstatus.adapters.postgres.outbox import ChangeHousekeeping, ChangeListener, ChangeOutbox
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
@@ -101,6 +101,7 @@ class Service:
                     url=nats_url,
                     stream=config.stream,
                     stream_max_age=config.stream_max_age,
+                    stream_replicas=config.stream_replicas,
                     subjects=config.subjects,
                     durable=config.durable,
                     ack_wait=config.ack_wait,
@@ -158,6 +159,7 @@ class Service:
             open=False,
             timeout=2.0,
             configure=_configure_api_connection,
+            check=check_connection,  # a connection of before a failover is dropped at checkout
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
         # The watch streams read through a pool of their own, so that many
@@ -169,6 +171,7 @@ class Service:
             open=False,
             timeout=5.0,
             configure=_configure_api_connection,
+            check=check_connection,  # a connection of before a failover is dropped at checkout
         )
         self.changes = ChangeStore(self.watch_pool)
         self.notifier = ChangeNotifier(database_url)
@@ -189,6 +192,7 @@ class Service:
                         stream=config.changes_stream,
                         subject_prefix=config.changes_subject_prefix,
                         max_age=config.changes_retention,
+                        replicas=config.stream_replicas,
                     )
                 ),
             )

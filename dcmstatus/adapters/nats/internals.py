@@ -22,6 +22,9 @@ docs/performance.md), and one is unsafe:
   feeding nats-py's parser class a recorded byte stream, cut at every byte.
 - acking: publish() per ack costs about 20% (subject checks, three buffer
   appends); one raw ``PUB <reply> 4\\r\\n+ACK`` buffer write per batch does not.
+- the server's INFO: whether the server is part of a cluster, and which
+  servers it lists (`server_info()`), is only in nats-py's `_server_info`;
+  without it (`{}`) the server is taken for a single one.
 - parsing: nats-py's protocol parser splits a MSG line on any ASCII
   whitespace, nats-server only on space and tab; a subject or reply with a
   vertical tab or form feed (which the server accepts and stores) fails the
@@ -54,6 +57,7 @@ __all__ = [
     "remove_frame_hook",
     "send_acks",
     "send_raw",
+    "server_info",
     "widen_protocol_parser",
 ]
 
@@ -415,3 +419,10 @@ def widen_protocol_parser() -> str | None:
     for name, wide in _WIDE.items():
         setattr(parser, name, wide)
     return None
+
+
+def server_info(nc: Any) -> dict[str, Any]:
+    """The INFO the connected server sent (its `cluster` name and
+    `connect_urls` when it is clustered); {} when nats-py keeps it elsewhere."""
+    info = getattr(nc, "_server_info", None)
+    return info if isinstance(info, dict) else {}

@@ -46,7 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 from dcmstatus.adapters.nats import internals
 from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
 from dcmstatus.adapters.nats.frames import Frame, ack_position, read_frame
-from dcmstatus.core.errors import AccessDenied
+from dcmstatus.core.errors import AccessDenied, ConfigError
 from dcmstatus.core.model import Delivery
 from dcmstatus.core.redaction import redact_url
 from dcmstatus.core.stall import StallWatch, Verdict
@@ -68,6 +68,7 @@ class NatsSettings(msgspec.Struct, frozen=True):
     url: str
     stream: str = "dcm-status"  # created only when no stream captures `subjects`
     stream_max_age: float = 7 * 24 * 3600.0  # retention of a stream we create; 0 = unbounded
+    stream_replicas: int | None = None  # of a stream we create; None: 1 on a single server, 3 on a cluster
     subjects: str = "dcm.*"
     durable: str = "dcmstatus"
     ack_wait: float = 30.0  # seconds before the server redelivers an unacked message
@@ -129,8 +130,15 @@ class JetStreamSource:
         """Connect, ensure stream and consumer, subscribe, then keep watch until stopped."""
         self._deliveries = deliveries
         await self._connect()
-        await trio_asyncio.aio_as_trio(self._ensure_stream)()
-        await trio_asyncio.aio_as_trio(self._ensure_consumer)()
+        # Right after a node of a cluster went, JetStream answers nothing
+        # (or 503) until the stream and the meta group elect leaders again:
+        # awaited like any dependency at start-up, never a crash.
+        await self._startup.reach(
+            "NATS JetStream",
+            trio_asyncio.aio_as_trio(self._ensure_stream_and_consumer),
+            at=",".join(map(_shown, self.settings.url.split(","))),
+            unreachable=JETSTREAM_UNAVAILABLE,
+        )
         await trio_asyncio.aio_as_trio(self._subscribe)()
         task_status.started()
         s = self.settings
@@ -287,6 +295,10 @@ class JetStreamSource:
 
     # ---- asyncio side ----------------------------------------------------
 
+    async def _ensure_stream_and_consumer(self) -> None:
+        await self._ensure_stream()
+        await self._ensure_consumer()
+
     async def _ensure_stream(self) -> None:
         """Bind to the stream that captures our subjects, or create one.
 
@@ -311,16 +323,29 @@ class JetStreamSource:
                 info = await self._js.stream_info(name)
                 log.info("bound to the existing stream %s, which captures %s", name, s.subjects)
         if info is None:
-            await self._js.add_stream(
-                name=s.stream, subjects=[s.subjects], storage=StorageType.FILE, max_age=s.stream_max_age or None
-            )
+            replicas, why = stream_replicas(internals.server_info(self._nc), s.stream_replicas)
+            try:
+                await self._js.add_stream(
+                    name=s.stream, subjects=[s.subjects], storage=StorageType.FILE,
+                    max_age=s.stream_max_age or None, num_replicas=replicas,
+                )  # fmt: skip
+            except nats.js.errors.BadRequestError as exc:
+                raise _placement_error(exc, replicas, internals.server_info(self._nc)) from None
             bound = f"kept {s.stream_max_age:g}s" if s.stream_max_age else "kept forever (--stream-max-age 0)"
-            log.info("created stream %s on %s, messages %s", s.stream, s.subjects, bound)
+            log.info("created stream %s on %s, messages %s, %d replicas (%s)", s.stream, s.subjects, bound, replicas, why)
             self._bind(s.stream)
             return
         config = info.config
         assert config.name is not None, "a stream's info names it (nats-py types the request's config)"
         self._bind(config.name)
+        have = config.num_replicas or 1
+        if s.stream_replicas is not None and s.stream_replicas != have:
+            log.warning(
+                "stream %s exists with %d replicas: --stream-replicas %d applies only to a stream dcmstatus "
+                "creates, and this one is used as it is", config.name, have, s.stream_replicas,
+            )
+        else:
+            log.info("stream %s has %d replicas", config.name, have)
         if s.subjects not in (config.subjects or []):
             log.warning(
                 "stream %s has subjects %s, not %s; using it as it is",
@@ -714,6 +739,59 @@ def nats_servers(url: str) -> list[str]:
     if any(websocket) and not all(websocket):
         raise ValueError("websocket (ws://, wss://) and other URLs cannot be mixed")
     return servers
+
+
+class StreamUnplaceable(Exception):
+    """The cluster cannot place the stream's replicas now (a node is down): retried at start-up."""
+
+
+# What says "JetStream cannot answer now" at start-up, retried under the
+# start-up policy: no answer (timeout, no responders), 503 and 500 (no leader
+# yet), a stream that cannot be placed while a node is away.
+JETSTREAM_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    StreamUnplaceable,
+)
+
+_MAX_REPLICAS = 3  # the default on a cluster (JetStream allows up to 5)
+
+
+def stream_replicas(server_info: dict[str, Any], wanted: int | None) -> tuple[int, str]:
+    """The replicas of a stream dcmstatus creates, and why (for the log):
+    `wanted` (--stream-replicas) when given, else 1 on a single server and 3
+    on a cluster (the server's INFO names a cluster). ConfigError when
+    `wanted` asks for replicas a single server cannot hold."""
+    cluster = server_info.get("cluster")
+    listed = len(server_info.get("connect_urls") or ())
+    if wanted is not None:
+        if wanted > 1 and not cluster:
+            raise ConfigError(
+                f"--stream-replicas {wanted}: the NATS server is not part of a cluster, so a stream there has "
+                "1 replica; use --stream-replicas 1 (or leave it out), or point --nats-url at a cluster"
+            )
+        return wanted, "--stream-replicas"
+    if not cluster:
+        return 1, "a single server (its INFO names no cluster)"
+    return _MAX_REPLICAS, f"the server is in cluster {cluster!r}, which lists {listed} servers"
+
+
+def _placement_error(exc: nats.js.errors.BadRequestError, replicas: int, server_info: dict[str, Any]) -> Exception:
+    """A refused stream creation, as what it means: more replicas than the
+    cluster has servers is a setting to fix (exit 2); no room for them now (a
+    node down) is awaited; anything else is raised as it came."""
+    if exc.err_code != 10005:  # JSClusterNoPeersErr: "no suitable peers for placement"
+        return exc
+    listed = len(server_info.get("connect_urls") or ())
+    if listed and replicas > listed:
+        return ConfigError(
+            f"--stream-replicas {replicas}: NATS cluster {server_info.get('cluster')!r} lists {listed} servers, "
+            f"too few for {replicas} replicas; use --stream-replicas {listed} or less"
+        )
+    return StreamUnplaceable(f"the cluster cannot place {replicas} replicas now ({exc.description})")
 
 
 def _shown(entry: str) -> str:

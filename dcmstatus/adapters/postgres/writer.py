@@ -6,7 +6,11 @@ safe to ack.
 psycopg runs synchronously in a worker thread: as fast as the async driver
 under trio-asyncio, and simpler to cancel (docs/performance.md#why-it-is-fast).
 Each writer owns one `StatusStore` and so one connection; a broken connection
-is dropped and re-opened on the next attempt. A connection is closed only by
+is dropped and re-opened on the next attempt, and so is one to a server that
+refuses writes as read-only (SQLSTATE 25006: a standby, or a primary being
+demoted): with a multi-host URL and target_session_attrs=read-write the next
+connection finds the primary of now (docs/reliability.md#replication-and-failover).
+Either way the batch is not committed, so the pipeline retries it and acks nothing. A connection is closed only by
 the thread that uses it (see `StatusStore.close`).
 """
 
@@ -251,6 +255,12 @@ class StatusStore:
                     result = self._apply_updates(conn, batch)
                 if batch.rejections:
                     self._record_rejections(conn, batch)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            # Not this batch's fault, and not this server's to fix: find the primary.
+            self._close_connection()
+            raise StoreUnavailable(
+                f"the database refused the write as read-only ({_first_line(exc)}); reconnecting to find the primary"
+            ) from exc
         except _REFUSALS as exc:
             # The content is at fault, not the database: the pipeline isolates the event.
             raise BatchRefused(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
@@ -356,6 +366,10 @@ class StatusStore:
 
 
 _NOTHING = BatchResult(0, 0, ())
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _event_params(ups: list[StatusUpdate]) -> dict[str, Any]:
