@@ -48,6 +48,11 @@ CONFIG_ENV = "DCMSTATUS_CONFIG"
 MIN_SECRET_CHARS = 16
 # The durable consumers of DCM's own components (docs/dcm.md#durables).
 DCM_DURABLES = frozenset({"control-plane", "service-provider-manager", "placement-manager"})
+# The roles of `dcmstatus serve` (docs/operations.md#roles): which of its two
+# halves each runs. "consumer": intake from NATS, the writers, the change relay
+# and the outbox's housekeeping; "api": the HTTP API, watch streams and dashboard.
+ROLES = ("all", "consumer", "api")
+RUN_BY = {"consumer": ("all", "consumer"), "api": ("all", "api")}
 
 
 def _opt(
@@ -59,10 +64,16 @@ def _opt(
     choices: tuple[str, ...] | None = None,
     flag: bool = True,
     file: bool = True,
+    role: str | None = None,
 ) -> Any:
+    # `role`: the one serve role that uses the option ("consumer" or "api"),
+    # None when every role does (docs/operations.md#roles).
+    assert role in (None, *RUN_BY)
     return field(
         default=default,
-        metadata={"help": help, "type": type, "secret": secret, "choices": choices, "flag": flag, "file": file},
+        metadata={
+            "help": help, "type": type, "secret": secret, "choices": choices, "flag": flag, "file": file, "role": role,
+        },
     )
 
 
@@ -76,24 +87,35 @@ def _lower(text: str) -> str:
 
 @dataclass(frozen=True)
 class ServeConfig:
-    nats_url: str | None = _opt(None, "NATS server URL; with neither URL given, an embedded nats-server is started", secret=True)
+    role: str = _opt(
+        "all",
+        "what this replica runs: all (one process: intake and the HTTP API), consumer (intake from NATS, the "
+        "writers and the change relay; HTTP serves only health and /metrics) or api (the HTTP API, watch "
+        "streams and dashboard, from PostgreSQL alone; no NATS). Scale each role on its own; consumer and api "
+        "need external servers (--nats-url, --database-url)",
+        type=_lower,
+        choices=ROLES,
+    )
+    nats_url: str | None = _opt(None, "NATS server URL; with neither URL given, an embedded nats-server is started", secret=True, role="consumer")
     # Credentials and TLS for an external NATS (docs/security.md). Secrets
     # themselves come from files or the environment: never a flag (the
     # process list shows flags to every local user) nor the config file.
-    nats_creds: Path | None = _opt(None, "NATS credentials file (user JWT and nkey seed, as nsc writes it)", type=Path)
-    nats_nkey_seed: Path | None = _opt(None, "file holding the NATS user's nkey seed (SU...)", type=Path)
-    nats_user: str | None = _opt(None, "NATS user name (the password from --nats-password-file or DCMSTATUS_NATS_PASSWORD)")
-    nats_password_file: Path | None = _opt(None, "file holding the NATS user's password", type=Path)
+    nats_creds: Path | None = _opt(None, "NATS credentials file (user JWT and nkey seed, as nsc writes it)", type=Path, role="consumer")
+    nats_nkey_seed: Path | None = _opt(None, "file holding the NATS user's nkey seed (SU...)", type=Path, role="consumer")
+    nats_user: str | None = _opt(None, "NATS user name (the password from --nats-password-file or DCMSTATUS_NATS_PASSWORD)", role="consumer")
+    nats_password_file: Path | None = _opt(None, "file holding the NATS user's password", type=Path, role="consumer")
     nats_password: str | None = _opt(
-        None, "the NATS password itself (environment only)", secret=True, flag=False, file=False
+        None, "the NATS password itself (environment only)", secret=True, flag=False, file=False,
+        role="consumer",
     )
-    nats_token_file: Path | None = _opt(None, "file holding the NATS authentication token", type=Path)
-    nats_token: str | None = _opt(None, "the NATS token itself (environment only)", secret=True, flag=False, file=False)
+    nats_token_file: Path | None = _opt(None, "file holding the NATS authentication token", type=Path, role="consumer")
+    nats_token: str | None = _opt(None, "the NATS token itself (environment only)", secret=True, flag=False, file=False, role="consumer")
     nats_tls_ca: Path | None = _opt(
-        None, "CA certificate(s), PEM, that verify the NATS server (else the system's); turns TLS on", type=Path
+        None, "CA certificate(s), PEM, that verify the NATS server (else the system's); turns TLS on", type=Path,
+        role="consumer",
     )
-    nats_tls_cert: Path | None = _opt(None, "client certificate, PEM, for a NATS server that verifies clients; turns TLS on", type=Path)
-    nats_tls_key: Path | None = _opt(None, "private key, PEM, of --nats-tls-cert (unless in that file)", type=Path)
+    nats_tls_cert: Path | None = _opt(None, "client certificate, PEM, for a NATS server that verifies clients; turns TLS on", type=Path, role="consumer")
+    nats_tls_key: Path | None = _opt(None, "private key, PEM, of --nats-tls-cert (unless in that file)", type=Path, role="consumer")
     database_url: str | None = _opt(
         None, "PostgreSQL URL (libpq); with neither URL given, an embedded PostgreSQL is started", secret=True
     )
@@ -105,64 +127,83 @@ class ServeConfig:
         "dcm-status",
         "JetStream stream: a stream that already captures --subjects (whatever its name, e.g. the DCM control "
         "plane's) is used as it is; only when none does is this one created",
+        role="consumer",
     )
     stream_max_age: float = _opt(
-        7 * 24 * 3600.0, "retention (seconds) of a stream dcmstatus creates itself; 0 = unbounded", type=float
+        7 * 24 * 3600.0, "retention (seconds) of a stream dcmstatus creates itself; 0 = unbounded", type=float,
+        role="consumer",
     )
-    subjects: str = _opt("dcm.*", "subject filter of the stream and the consumer")
+    stream_replicas: int | None = _opt(
+        None,
+        "replicas (1 to 5) of a stream dcmstatus creates itself; unset: 1 on a single NATS server, 3 when the "
+        "server reports a cluster (docs/reliability.md#clustered-servers)",
+        type=int,
+        role="consumer",
+    )
+    subjects: str = _opt("dcm.*", "subject filter of the stream and the consumer", role="consumer")
     durable: str = _opt(
-        "dcmstatus", "durable consumer name, shared by replicas; never one of DCM's own (control-plane, ...)"
+        "dcmstatus", "durable consumer name, shared by replicas; never one of DCM's own (control-plane, ...)",
+        role="consumer",
     )
     parked_ttl: float = _opt(
-        300.0, "seconds an event for a not-yet-existing instance waits for its row (parked events)", type=float
+        300.0, "seconds an event for a not-yet-existing instance waits for its row (parked events)", type=float,
+        role="consumer",
     )
-    parked_limit: int = _opt(100_000, "parked events kept at most (the oldest go first)", type=int)
-    writers: int = _opt(2, "parallel database writers (one connection each)", type=int)
-    batch_size: int = _opt(1000, "messages per database transaction at most", type=int)
+    parked_limit: int = _opt(100_000, "parked events kept at most (the oldest go first)", type=int, role="consumer")
+    writers: int = _opt(2, "parallel database writers (one connection each)", type=int, role="consumer")
+    batch_size: int = _opt(1000, "messages per database transaction at most", type=int, role="consumer")
     batch_delay_ms: float = _opt(
-        5.0, "while every writer is busy, how often the filling batch looks again for a free one", type=float
+        5.0, "while every writer is busy, how often the filling batch looks again for a free one", type=float,
+        role="consumer",
     )
-    max_in_flight: int = _opt(10_000, "messages received but not yet acknowledged, at most", type=int)
+    max_in_flight: int = _opt(10_000, "messages received but not yet acknowledged, at most", type=int, role="consumer")
     max_in_flight_bytes: int = _opt(
-        64 * 1024 * 1024, "bytes of message bodies received but not yet acknowledged, at most", type=int
+        64 * 1024 * 1024, "bytes of message bodies received but not yet acknowledged, at most", type=int,
+        role="consumer",
     )
-    ack_wait: float = _opt(30.0, "seconds before NATS redelivers an unacknowledged message", type=float)
+    ack_wait: float = _opt(30.0, "seconds before NATS redelivers an unacknowledged message", type=float, role="consumer")
     stall_timeout: float = _opt(
         30.0,
         "seconds without a message received or acknowledged, while the server holds a backlog or messages wait "
         "for their commit, before health reports the consumer stalled (503) and intake is started afresh",
         type=float,
+        role="consumer",
     )
     no_change_events: bool = _opt(
         False,
         "publish no change events on NATS (the status_changes table is still written, and retention then "
         "prunes old rows whether published or not)",
         type=bool,
+        role="consumer",
     )
     changes_subject_prefix: str = _opt(
-        "dcmstatus.changes", "change events go to <prefix>.<service type>; never a subject --subjects captures"
+        "dcmstatus.changes", "change events go to <prefix>.<service type>; never a subject --subjects captures",
+        role="consumer",
     )
     changes_stream: str = _opt(
         "dcmstatus-changes",
         "JetStream stream of change events: used as it is when it exists, else created on <prefix>.> with "
         "--changes-retention as its max age",
+        role="consumer",
     )
-    changes_source: str = _opt("dcmstatus", "the CloudEvent source attribute of change events")
+    changes_source: str = _opt("dcmstatus", "the CloudEvent source attribute of change events", role="consumer")
     changes_retention: float = _opt(
         7 * 24 * 3600.0,
         "seconds a status_changes row is kept; while change events are on, only published rows are pruned",
         type=float,
+        role="consumer",
     )
-    max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int)
+    max_event_bytes: int = _opt(262_144, "larger events are rejected as too_large", type=int, role="consumer")
     max_clock_skew: float = _opt(
         300.0,
         "seconds an event time may be ahead of its JetStream message time; a later one is replaced by the "
         "message time (counted and logged), so a provider with a wrong clock cannot pin a status; also the "
         "margin of the predecessor guard (an event older than its row minus this is a no-op)",
         type=float,
+        role="consumer",
     )
-    dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int)
-    grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float)
+    dead_letter_limit: int = _opt(10_000, "rejected events kept in the dead-letter table (newest)", type=int, role="consumer")
+    grace_period: float = _opt(10.0, "seconds to commit and ack in-flight work on SIGTERM/SIGINT", type=float, role="consumer")
     startup_timeout: float = _opt(
         120.0,
         "seconds to wait at start-up for PostgreSQL and NATS to be reachable, then exit 1 (0 waits forever)",
@@ -170,9 +211,10 @@ class ServeConfig:
     )
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR", type=_upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = _opt("text", "text (human) or json (one object per line, event fields as keys)", type=_lower, choices=("text", "json"))
-    max_request_bytes: int = _opt(1024 * 1024, "HTTP request bodies larger than this are refused with 413", type=int)
+    max_request_bytes: int = _opt(1024 * 1024, "HTTP request bodies larger than this are refused with 413", type=int, role="api")
     max_watch_streams: int = _opt(
-        100, "open watch streams (Server-Sent Events of /api/v1/status-changes) at most; beyond, 503", type=int
+        100, "open watch streams (Server-Sent Events of /api/v1/status-changes) at most; beyond, 503", type=int,
+        role="api",
     )
     max_waiting_requests: int = _opt(
         256,
@@ -183,20 +225,24 @@ class ServeConfig:
         None,
         "file holding the API token: every /api/v1 route except health then needs 'Authorization: Bearer <token>'",
         type=Path,
+        role="api",
     )
     # No flag on purpose: a token on the command line is visible to every
     # local user in the process list. Environment or config file only.
     api_token: str | None = _opt(
-        None, "the API token itself (environment or config file only, never a flag)", secret=True, flag=False
+        None, "the API token itself (environment or config file only, never a flag)", secret=True, flag=False,
+        role="api",
     )
     page_token_secret_file: Path | None = _opt(
         None,
         "file holding the secret that signs page tokens; replicas behind one URL need the same one "
         "(without it or the secret itself: <data-dir>/page-token.key, created on first start)",
         type=Path,
+        role="api",
     )
     page_token_secret: str | None = _opt(
-        None, "the page token secret itself (environment or config file only, never a flag)", secret=True, flag=False
+        None, "the page token secret itself (environment or config file only, never a flag)", secret=True, flag=False,
+        role="api",
     )
     # `[service_types.<name>]` tables of the config file, merged into the
     # built-in catalog (docs/statuses.md); not a flag or environment variable.
@@ -205,6 +251,24 @@ class ServeConfig:
     @property
     def embedded(self) -> bool:
         return self.nats_url is None and self.database_url is None
+
+    def runs(self, half: str) -> bool:
+        """Whether this replica runs `half` ("consumer" or "api")."""
+        return self.role in RUN_BY[half]
+
+    def unused_options(self, sources: Mapping[str, str]) -> list[str]:
+        """The options set (not left to their default) that only the role
+        this replica does not run would use, each with where it was set:
+        `serve` warns about them and goes on, so that replicas of both roles
+        can share one config file or ConfigMap (docs/operations.md#roles)."""
+        unused = []
+        for name, f in _OPTIONS.items():
+            role = f.metadata.get("role")
+            source = sources.get(name, "default")
+            read_from_file = sources.get(f"{name}_file", "default") != "default"  # that option is named instead
+            if role is not None and not self.runs(role) and source != "default" and not read_from_file:
+                unused.append(f"{_label(name)} ({source})")
+        return unused
 
     def catalog(self) -> Catalog:
         """The contract's catalog with this configuration's service types merged in."""
@@ -258,7 +322,18 @@ class ServeConfig:
     def validate(self) -> None:
         """Raise ValueError naming the option and what to do."""
         self.validate_nats()
-        if (self.nats_url is None) != (self.database_url is None):
+        if self.role != "all":
+            # One replica of a role is half a service: the other half runs
+            # elsewhere, on the same servers, which embedded ones never are.
+            needed = ("--database-url",) if self.role == "api" else ("--nats-url", "--database-url")
+            absent = [flag for flag in needed if getattr(self, flag[2:].replace("-", "_")) is None]
+            if absent:
+                raise ValueError(
+                    f"--role {self.role} needs {' and '.join(absent)}: a role runs beside replicas of the "
+                    "other role on the same servers, never on embedded ones (--role all runs both halves "
+                    "in one process, embedded servers included)"
+                )
+        elif (self.nats_url is None) != (self.database_url is None):
             given, missing = ("--nats-url", "--database-url") if self.nats_url else ("--database-url", "--nats-url")
             raise ValueError(
                 f"{given} is set but {missing} is not: give both to use running servers, "
@@ -285,6 +360,8 @@ class ServeConfig:
             )
         if self.stream_max_age < 0:
             raise ValueError("--stream-max-age must be 0 (unbounded) or positive")
+        if self.stream_replicas is not None and not 1 <= self.stream_replicas <= 5:
+            raise ValueError("--stream-replicas must be between 1 and 5 (JetStream keeps at most 5 replicas)")
         if self.durable in DCM_DURABLES:
             raise ValueError(
                 f"--durable {self.durable!r} is a durable consumer of DCM itself: sharing it would split DCM's "

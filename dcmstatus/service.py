@@ -44,7 +44,7 @@ from dcmstatus.adapters.nats.changes import ChangePublisher, ChangeStreamSetting
 from dcmstatus.adapters.nats.source import JetStreamSource, NatsSettings, asyncio_exception_handler, nats_servers
 from dcmstatus.adapters.postgres.changes import ChangeNotifier, ChangeStore
 from dcmstatus.adapters.postgres.conninfo import check_conninfo, with_defaults
-from dcmstatus.adapters.postgres.instances import InstanceStore
+from dcmstatus.adapters.postgres.instances import InstanceStore, check_connection
 from dcmstatus.adapters.postgres.outbox import ChangeHousekeeping, ChangeListener, ChangeOutbox
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
@@ -82,55 +82,69 @@ class Service:
     """One running dcmstatus: its parts, and the health view over them."""
 
     def __init__(
-        self, config: ServeConfig, nats_url: str, database_url: str, catalog: Catalog, page_token_secret: bytes
+        self,
+        config: ServeConfig,
+        nats_url: str | None,
+        database_url: str,
+        catalog: Catalog,
+        page_token_secret: bytes,
     ) -> None:
         self.page_token_secret = page_token_secret
         self.config = config
+        self.role = config.role
         self.nats_url = nats_url
         self.database_url = database_url
         self.catalog = catalog
         self.metrics = Metrics()
         self.startup = Startup(config.startup_timeout)
-        self.source = JetStreamSource(
-            NatsSettings(
-                url=nats_url,
-                stream=config.stream,
-                stream_max_age=config.stream_max_age,
-                subjects=config.subjects,
-                durable=config.durable,
-                ack_wait=config.ack_wait,
-                max_ack_pending=max(config.max_in_flight * 2, 1000),
-                max_in_flight=config.max_in_flight,
-                max_in_flight_bytes=config.max_in_flight_bytes,
-                pull_batch=max(1, min(500, config.max_in_flight // 4)),
-                stall_timeout=config.stall_timeout,
-                security=config.nats_security(),
-            ),
-            self.metrics,
-            self.startup,
-        )
-        self.writer_stores = [
-            StatusStore(
-                database_url,
-                dead_letter_limit=config.dead_letter_limit,
-                max_clock_skew=timedelta(seconds=config.max_clock_skew),
-                parked_ttl=timedelta(seconds=config.parked_ttl),
-                parked_limit=config.parked_limit,
+        # The consumer's half; an api replica has none of it (and no NATS).
+        self.source: JetStreamSource | None = None
+        self.pipeline: Pipeline | None = None
+        self.writer_stores: list[StatusStore] = []
+        if config.runs("consumer"):
+            assert nats_url is not None  # ServeConfig.validate: the consumer role needs --nats-url
+            self.source = JetStreamSource(
+                NatsSettings(
+                    url=nats_url,
+                    stream=config.stream,
+                    stream_max_age=config.stream_max_age,
+                    stream_replicas=config.stream_replicas,
+                    subjects=config.subjects,
+                    durable=config.durable,
+                    ack_wait=config.ack_wait,
+                    max_ack_pending=max(config.max_in_flight * 2, 1000),
+                    max_in_flight=config.max_in_flight,
+                    max_in_flight_bytes=config.max_in_flight_bytes,
+                    pull_batch=max(1, min(500, config.max_in_flight // 4)),
+                    stall_timeout=config.stall_timeout,
+                    security=config.nats_security(),
+                ),
+                self.metrics,
+                self.startup,
             )
-            for _ in range(config.writers)
-        ]
-        decoder = Decoder(catalog, max_event_bytes=config.max_event_bytes, max_clock_skew=config.max_clock_skew)
-        self.pipeline = Pipeline(
-            decoder.decode,
-            self.source,
-            self.writer_stores,
-            self.metrics,
-            PipelineSettings(
-                max_batch=config.batch_size,
-                max_delay=config.batch_delay_ms / 1000,
-                writers=config.writers,
-            ),
-        )
+            self.writer_stores = [
+                StatusStore(
+                    database_url,
+                    dead_letter_limit=config.dead_letter_limit,
+                    max_clock_skew=timedelta(seconds=config.max_clock_skew),
+                    parked_ttl=timedelta(seconds=config.parked_ttl),
+                    parked_limit=config.parked_limit,
+                )
+                for _ in range(config.writers)
+            ]
+            decoder = Decoder(catalog, max_event_bytes=config.max_event_bytes, max_clock_skew=config.max_clock_skew)
+            self.pipeline = Pipeline(
+                decoder.decode,
+                self.source,
+                self.writer_stores,
+                self.metrics,
+                PipelineSettings(
+                    max_batch=config.batch_size,
+                    max_delay=config.batch_delay_ms / 1000,
+                    writers=config.writers,
+                ),
+            )
+        # The API pool serves the API and, in every role, health's database check.
         # Short timeouts: while the database is down, /health and the API must
         # answer 503 promptly, not hold a worker thread for the pool's default
         # 30 s; keepalives and a statement timeout bound a database that stops
@@ -152,6 +166,7 @@ class Service:
             open=False,
             timeout=2.0,
             configure=_configure_api_connection,
+            check=check_connection,  # a connection of before a failover is dropped at checkout
         )
         self.instances = InstanceStore(self.api_pool, self.metrics)
         # The watch streams read through a pool of their own, so that many
@@ -163,6 +178,7 @@ class Service:
             open=False,
             timeout=5.0,
             configure=_configure_api_connection,
+            check=check_connection,  # a connection of before a failover is dropped at checkout
         )
         self.changes = ChangeStore(self.watch_pool)
         self.notifier = ChangeNotifier(database_url)
@@ -171,7 +187,9 @@ class Service:
         # The relay's adapters as what they are: the relay sees them through its
         # protocols, which know nothing of closing; the service closes them.
         self._relay_adapters: tuple[ChangeOutbox, ChangeListener, ChangePublisher] | None = None
-        if not config.no_change_events:
+        # The relay publishes on NATS, so it runs with the consumer (docs/operations.md#roles).
+        if config.runs("consumer") and not config.no_change_events:
+            assert nats_url is not None
             self._relay_adapters = (
                 ChangeOutbox(database_url, source=config.changes_source),
                 ChangeListener(database_url),
@@ -181,13 +199,14 @@ class Service:
                         stream=config.changes_stream,
                         subject_prefix=config.changes_subject_prefix,
                         max_age=config.changes_retention,
+                        replicas=config.stream_replicas,
                     )
                 ),
             )
             self.relay = Relay(*self._relay_adapters, self.metrics, RelaySettings())
         self._changes = trio.CancelScope()  # the relay and the housekeeping
         self.http_url = ""
-        self.ready = False  # consuming: start-up is over
+        self.ready = False  # start-up is over: consuming, serving the API, or both
         self._stopped = trio.Event()
         self._stop_now = False
         self._starting: trio.CancelScope | None = None
@@ -206,14 +225,21 @@ class Service:
             awaiting = self.startup.awaiting
             components["startup"] = f"waiting for {awaiting}" if awaiting else "starting"
         database = self._database_state()
-        components.update(database=database, **self.source.health())
-        if not self.pipeline.store_healthy:
-            components["writes"] = "failing"
-        # Informative only: a relay that cannot publish loses nothing (the
-        # changes wait in the outbox) and a 503 would not move the leadership
-        # (docs/operations.md#health).
-        components["changes"] = self.relay.state if self.relay is not None else "off"
-        ok = self.ready and database == "reachable" and self.source.healthy and self.pipeline.store_healthy
+        components["database"] = database
+        ok = self.ready and database == "reachable"
+        # Each role reports what it runs, and only that (docs/operations.md#health).
+        if self.source is not None and self.pipeline is not None:
+            components.update(self.source.health())
+            if not self.pipeline.store_healthy:
+                components["writes"] = "failing"
+            # Informative only: a relay that cannot publish loses nothing (the
+            # changes wait in the outbox) and a 503 would not move the leadership
+            # (docs/operations.md#health).
+            components["changes"] = self.relay.state if self.relay is not None else "off"
+            ok = ok and self.source.healthy and self.pipeline.store_healthy
+        if self.role == "api":
+            # Informative only: without LISTEN the watch streams poll on every heartbeat.
+            components["notifications"] = "listening" if self.notifier.listening else "polling"
         return ok, components
 
     def _database_state(self) -> str:
@@ -290,7 +316,8 @@ class Service:
                     # Watch streams end now: their clients resume elsewhere (or
                     # after the restart), and the HTTP shutdown need not wait for them.
                     self.notifier.close()
-                    await self._drain()
+                    if self.source is not None:
+                        await self._drain()
                     # Changes went on being published while the consumer drained.
                     self._changes.cancel()
                 else:
@@ -320,8 +347,10 @@ class Service:
             changes=(self.changes, self.notifier),
             max_watch_streams=config.max_watch_streams,
             max_waiting_requests=config.max_waiting_requests,
-            # The pipeline goes first while it holds unacknowledged messages.
-            intake_busy=lambda: self.source.unacknowledged > 0,
+            # The pipeline goes first while it holds unacknowledged messages
+            # (docs/http-api.md#overload); an API-only replica has none.
+            intake_busy=lambda: self.source is not None and self.source.unacknowledged > 0,
+            role=self.role,
         )
         if (problem := coalesce_response_writes()) is not None:
             log.warning("HTTP responses are written as hypercorn writes them (slower): %s", problem)
@@ -362,15 +391,18 @@ class Service:
         )
         log.info("database schema is current%s", f" (applied {', '.join(applied)})" if applied else "")
         self.api_pool.open(wait=False)  # connects in the background
-        self.watch_pool.open(wait=False)
-        await nursery.start(self._watch_database)
-        await nursery.start(self.notifier.run)
-        await nursery.start(self._consume)
-        await nursery.start(self._run_changes)
+        await nursery.start(self._watch_database)  # health's database reading
+        if self.config.runs("api"):
+            self.watch_pool.open(wait=False)
+            await nursery.start(self.notifier.run)
+        if self.config.runs("consumer"):
+            await nursery.start(self._consume)
+            await nursery.start(self._run_changes)
 
     async def _consume(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The pipeline and the source, in a scope of their own: what the
         drain did not finish is cancelled at once, while HTTP stops gracefully."""
+        assert self.source is not None and self.pipeline is not None
         send, receive = trio.open_memory_channel[Delivery](float("inf"))
         async with trio.open_nursery() as nursery:
             self._consuming = nursery.cancel_scope
@@ -397,6 +429,7 @@ class Service:
 
     async def _drain(self) -> None:
         config = self.config
+        assert self.source is not None and self.pipeline is not None
         log.info("stopping: finishing in-flight work (grace period %.0fs)", config.grace_period)
         with trio.move_on_after(config.grace_period) as grace:
             self._draining = grace
@@ -467,19 +500,23 @@ async def serve(config: ServeConfig, catalog: Catalog | None = None) -> int:
     catalog = catalog or Catalog.default()
     if not config.embedded:
         _check_urls(config)
-    secret = page_token_secret(config)  # before anything starts: a bad one is a config error
+    # Before anything starts: a bad one is a config error. Only the API signs
+    # page tokens; a consumer replica neither needs nor creates a secret.
+    secret = page_token_secret(config) if config.runs("api") else b""
     # Signals are ours from here to the very end: one arriving while the
     # embedded servers stop cannot interrupt their stop (no orphans).
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio_asyncio.open_loop() as loop:
             loop.set_exception_handler(asyncio_exception_handler)
             async with AsyncExitStack() as stack:
+                nats_url: str | None
                 if config.embedded:
                     nats_url, database_url = await _start_embedded(config, stack)
                 else:
-                    # ServeConfig.validate: both URLs given, or neither (embedded).
-                    assert config.nats_url is not None and config.database_url is not None
-                    nats_url, database_url = config.nats_url, config.database_url
+                    # ServeConfig.validate: both URLs given, or neither (embedded);
+                    # an api replica needs only the database's.
+                    assert config.database_url is not None
+                    nats_url, database_url = config.nats_url if config.runs("consumer") else None, config.database_url
                 service = Service(config, nats_url, database_url, catalog, secret)
                 # runtime.json describes a running service: it goes when we go.
                 stack.callback((Path(config.data_dir) / "runtime.json").unlink, missing_ok=True)
@@ -494,6 +531,8 @@ def _check_urls(config: ServeConfig) -> None:
     """A malformed URL is a configuration error (exit 2), not something to wait for."""
     redacted = config.redacted()
     for option, check in (("nats_url", nats_servers), ("database_url", check_conninfo)):
+        if getattr(config, option) is None:  # an api replica's --nats-url
+            continue
         try:
             check(getattr(config, option))
         except ValueError as exc:
@@ -553,7 +592,12 @@ def page_token_secret(config: ServeConfig) -> bytes:
 
 
 def _announce(config: ServeConfig, service: Service) -> None:
-    runtime = {"http_url": service.http_url, "nats_url": service.nats_url, "database_url": service.database_url}
+    runtime = {
+        "http_url": service.http_url,
+        "nats_url": service.nats_url,
+        "database_url": service.database_url,
+        "role": config.role,
+    }
     data_dir = Path(config.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -567,13 +611,17 @@ def _announce(config: ServeConfig, service: Service) -> None:
         partial.replace(data_dir / "runtime.json")
     except OSError as exc:
         log.warning("could not write %s/runtime.json: %s", data_dir, exc)
-    print(
-        f"dcmstatus is running\n"
-        f"  HTTP API   {service.http_url}/api/v1/service-type-instances\n"
-        f"  health     {service.http_url}/api/v1/health   metrics {service.http_url}/metrics\n"
-        f"  publish to {redact_url(service.nats_url)}  subjects {config.subjects} (stream {service.source.stream})\n"
-        f"  database   {redact_url(service.database_url)}\n"
-        f"  runtime    {data_dir / 'runtime.json'}\n"
-        f"Stop with Ctrl-C (SIGINT) or SIGTERM.",
-        flush=True,
-    )
+    lines = [f"dcmstatus is running (role {config.role})"]
+    if config.runs("api"):
+        lines.append(f"  HTTP API   {service.http_url}/api/v1/service-type-instances")
+    lines.append(f"  health     {service.http_url}/api/v1/health   metrics {service.http_url}/metrics")
+    if service.source is not None and service.nats_url is not None:
+        lines.append(
+            f"  publish to {redact_url(service.nats_url)}  subjects {config.subjects} (stream {service.source.stream})"
+        )
+    lines += [
+        f"  database   {redact_url(service.database_url)}",
+        f"  runtime    {data_dir / 'runtime.json'}",
+        "Stop with Ctrl-C (SIGINT) or SIGTERM.",
+    ]
+    print("\n".join(lines), flush=True)

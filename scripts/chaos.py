@@ -14,8 +14,14 @@ under a temporary directory and its own `dcmstatus serve` subprocess(es), then:
    Decoder predicts;
 2. publishes it through JetStream (retrying what a fault interrupted) while a
    fault loop applies, at random intervals, one of: kill -9 of the service
-   (then a restart), NATS restart (SIGTERM or SIGKILL), PostgreSQL restart
-   (fast shutdown or SIGKILL);
+   (then a restart), NATS restart (SIGTERM or SIGKILL; of every node on a
+   cluster), PostgreSQL restart of the primary (fast shutdown or SIGKILL);
+   with --nats-cluster N (a cluster of N nodes, dcmstatus.devtools.cluster,
+   the stream with N replicas at most 3) also kill -9 or restart of one
+   random node, the stream's leader included (nats_node_kill,
+   nats_node_restart); with --pg-standby (a synchronous streaming standby)
+   also pg_failover: kill -9 of the primary, promotion of the standby, the
+   old primary re-attached as the new standby;
 3. waits until the durable consumer has nothing pending and nothing unacked,
    stops the service with SIGTERM (it must exit 0), and compares every row with
    the newest event of its instance:
@@ -55,10 +61,12 @@ import msgspec
 import nats
 import psycopg
 
+from dcmstatus.adapters.nats.source import nats_servers
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.core.catalog import Catalog
 from dcmstatus.core.decoding import Decoder
 from dcmstatus.core.model import StatusUpdate
+from dcmstatus.devtools.cluster import NatsCluster, PgPair
 from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database
 
 T0 = datetime(2026, 4, 9, 13, 0, 0, tzinfo=UTC)
@@ -335,7 +343,7 @@ async def publish_events(
     publish whose confirmation was lost stores a duplicate: harmless, as for
     OSAC's re-publishing. Returns how many publishes were retried."""
     nc = await nats.connect(
-        url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2,
+        nats_servers(url), max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2,
         error_cb=_ignore, disconnected_cb=_ignore_cb, reconnected_cb=_ignore_cb,
     )  # fmt: skip
     inbox = nc.new_inbox()
@@ -389,7 +397,7 @@ async def publish_events(
 
 async def publish_core(url: str, events: list[Event], *, flush_every: int = 2000) -> None:
     """Core NATS publish in a tight loop (fast; only for fault-free phases)."""
-    nc = await nats.connect(url, connect_timeout=5)
+    nc = await nats.connect(nats_servers(url), connect_timeout=5)
     try:
         for n, e in enumerate(events, 1):
             await nc.publish(e.subject, e.body, headers=e.headers)
@@ -455,7 +463,7 @@ async def _ignore_cb() -> None:
 
 
 async def _js_call(url: str, what):
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0, allow_reconnect=False)
+    nc = await nats.connect(nats_servers(url), connect_timeout=5, max_reconnect_attempts=0, allow_reconnect=False)
     try:
         return await what(nc.jetstream(timeout=5))
     finally:
@@ -475,6 +483,7 @@ def consumer_state(url: str, stream: str = STREAM, durable: str = DURABLE) -> di
             "ack_floor": info.ack_floor.stream_seq if info.ack_floor else 0,
             "last_seq": sinfo.state.last_seq,
             "messages": sinfo.state.messages,
+            "replicas": sinfo.config.num_replicas or 1,
         }
 
     return asyncio.run(_js_call(url, go))
@@ -542,17 +551,53 @@ def converged(database_url: str, expected: dict) -> bool:
 
 
 FAULT_KINDS = ("kill9_service", "nats_restart_term", "nats_restart_kill", "pg_restart", "pg_kill")
+CLUSTER_FAULT_KINDS = ("nats_node_kill", "nats_node_restart")  # with --nats-cluster
+STANDBY_FAULT_KINDS = ("pg_failover",)  # with --pg-standby
+ALL_FAULT_KINDS = FAULT_KINDS + CLUSTER_FAULT_KINDS + STANDBY_FAULT_KINDS
+
+
+def fault_kinds(args: argparse.Namespace) -> list[str]:
+    """The kinds this run injects: today's, plus the cluster's and the standby's when those run."""
+    kinds = list(FAULT_KINDS)
+    if args.nats_cluster:
+        kinds += CLUSTER_FAULT_KINDS
+    if args.pg_standby:
+        kinds += STANDBY_FAULT_KINDS
+    return [k for k in kinds if k not in set(args.no_fault or [])]
+
+
+def fault_plan(rng: random.Random, kinds: list[str], faults: int, even: bool) -> list[str]:
+    """Which kind each fault is: random picks, or (even) every kind in turn,
+    shuffled round by round, so each kind comes up faults/len(kinds) times."""
+    if not kinds:
+        return []
+    if not even:
+        return [rng.choice(kinds) for _ in range(faults)]
+    plan: list[str] = []
+    while len(plan) < faults:
+        round_ = list(kinds)
+        rng.shuffle(round_)
+        plan += round_
+    return plan[:faults]
 
 
 def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
     rng = random.Random(args.seed)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="dcmstatus-chaos-", dir=args.workdir))
-    kinds = [k for k in FAULT_KINDS if k not in set(args.no_fault or [])]
+    kinds = fault_kinds(args)
+    if args.faults_per_kind:
+        args.faults = args.faults_per_kind * len(kinds)
+    plan = fault_plan(rng, kinds, args.faults, even=args.even or bool(args.faults_per_kind))
     injected: collections.Counter = collections.Counter()
+    leaders_hit: collections.Counter = collections.Counter()  # node faults that hit the stream's leader
     checks: list[tuple[str, bool, str]] = []
-    nats_server = EmbeddedNats(workdir / "nats")
-    pg = EmbeddedPostgres(workdir / "pg", fsync=args.pg_fsync)
+    nats_server: EmbeddedNats | NatsCluster = (
+        NatsCluster(workdir / "nats", size=args.nats_cluster) if args.nats_cluster else EmbeddedNats(workdir / "nats")
+    )
+    pg: EmbeddedPostgres | PgPair = (
+        PgPair(workdir / "pg", fsync=args.pg_fsync) if args.pg_standby else EmbeddedPostgres(workdir / "pg", fsync=args.pg_fsync)
+    )
     services: list[Serve] = []
     try:
         nats_server.start()
@@ -575,27 +620,26 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
 
         def publisher():
             try:
+                # A long workload at a bounded rate takes its own time, plus the timeout.
+                deadline = args.timeout + (len(workload.events) / args.rate if args.rate > 0 else 0)
                 result["retried"] = asyncio.run(
-                    publish_events(nats_server.url, workload.events, rate=args.rate, progress=progress)
+                    publish_events(nats_server.url, workload.events, rate=args.rate, progress=progress, deadline=deadline)
                 )
             except BaseException as exc:
                 result["error"] = exc
 
         thread = threading.Thread(target=publisher, daemon=True)
         thread.start()
-        faults_done = 0
         crashes = 0
-        while faults_done < args.faults:
+        for faults_done, kind in enumerate(plan, 1):
             time.sleep(rng.uniform(args.min_interval, args.max_interval))
-            kind = rng.choice(kinds) if kinds else None
-            if kind is None:
-                break
             crashes += restart_crashed(services, out)
-            inject(kind, rng, services, nats_server, pg)
+            detail = inject(kind, rng, services, nats_server, pg)
             injected[kind] += 1
-            faults_done += 1
-            log(out, f"fault {faults_done}/{args.faults}: {kind} (published {progress[0]}/{len(workload.events)})")
-        thread.join(args.timeout)
+            if "(the stream leader)" in detail:
+                leaders_hit[kind] += 1
+            log(out, f"fault {faults_done}/{args.faults}: {kind}{detail} (published {progress[0]}/{len(workload.events)})")
+        thread.join(args.timeout + (len(workload.events) / args.rate if args.rate > 0 else 0))
         if thread.is_alive() or "error" in result:
             raise AssertionError(f"publishing failed: {result.get('error', 'timed out')}")
         crashes += restart_crashed(services, out)
@@ -616,14 +660,20 @@ def run_chaos(args: argparse.Namespace, out=sys.stdout) -> int:
             have = rejected.get(reason, 0)
             checks.append((f"rejected {reason}: {have} of {count}", have == count, ""))
         state = consumer_state(nats_server.url)
+        if args.nats_cluster:
+            want = min(args.nats_cluster, 3)
+            checks.append((f"the stream has {want} replicas", state["replicas"] == want, f"{state['replicas']} replicas"))
         wall = time.monotonic() - started
         ok = not lost and not wrong and all(passed for _, passed, _ in checks)
         rows = [
             ("events published", f"{len(workload.events)} ({workload.valid} valid, {workload.duplicates} duplicates, "
                                  f"{sum(workload.bad_by_reason.values())} bad; {result.get('retried', 0)} publishes retried)"),
             ("instances", str(args.instances)),
+            ("servers", topology(args, state, pg)),
             ("stream messages", str(state["messages"])),
             ("faults injected", f"{sum(injected.values())}: " + ", ".join(f"{k}={v}" for k, v in sorted(injected.items()))),
+            *([("stream leader hit", ", ".join(f"{k}={v}" for k, v in sorted(leaders_hit.items())) or "never")]
+              if args.nats_cluster else []),
             ("service starts", ", ".join(f"{s.name}={s.starts}" for s in services) + f" ({crashes} after a crash)"),
             ("lost", str(len(lost))),
             ("wrong", str(len(wrong))),
@@ -666,28 +716,69 @@ def restart_crashed(services: list[Serve], out) -> int:
     return crashed
 
 
-def inject(kind: str, rng: random.Random, services: list[Serve], nats_server: EmbeddedNats, pg: EmbeddedPostgres) -> None:
+def topology(args: argparse.Namespace, state: dict, pg: EmbeddedPostgres | PgPair) -> str:
+    nats_part = (
+        f"NATS cluster of {args.nats_cluster} (stream R{state['replicas']})" if args.nats_cluster else "one nats-server"
+    )
+    if isinstance(pg, PgPair):
+        pg_part = f"PostgreSQL primary + synchronous standby ({pg.failovers} failovers)"
+    else:
+        pg_part = "one PostgreSQL"
+    return f"{nats_part}; {pg_part}; {args.replicas} serve replicas"
+
+
+def inject(
+    kind: str,
+    rng: random.Random,
+    services: list[Serve],
+    nats_server: EmbeddedNats | NatsCluster,
+    pg: EmbeddedPostgres | PgPair,
+) -> str:
+    """Apply one fault and recover from it; returns a detail for the log."""
+    primary = pg.primary if isinstance(pg, PgPair) else pg
     if kind == "kill9_service":
         svc = rng.choice(services)
         svc.kill9()
         time.sleep(rng.uniform(0, 0.5))
         svc.start(wait_healthy=False)
-    elif kind == "nats_restart_term":
-        nats_server.restart()
-    elif kind == "nats_restart_kill":
-        nats_server.kill()
-        time.sleep(rng.uniform(0, 0.5))
-        nats_server.start()
-    elif kind == "pg_restart":
-        pg.stop()
+        return f" {svc.name}"
+    if kind in ("nats_restart_term", "nats_restart_kill"):
+        nodes = nats_server.nodes if isinstance(nats_server, NatsCluster) else [nats_server]
+        for node in nodes:  # on a cluster, every node: the whole cluster restarts
+            if kind == "nats_restart_term":
+                node.stop()
+            else:
+                node.kill()
+        if kind == "nats_restart_kill":
+            time.sleep(rng.uniform(0, 0.5))
+        nats_server.start()  # a cluster: every node, then until JetStream is current on each
+        return ""
+    if kind in ("nats_node_kill", "nats_node_restart"):
+        assert isinstance(nats_server, NatsCluster), kind
+        index = rng.randrange(nats_server.size)
+        leader = nats_server.leader(STREAM)
+        if kind == "nats_node_kill":
+            nats_server.kill(index)
+            time.sleep(rng.uniform(0, 1.0))
+            nats_server.start_node(index)
+        else:
+            nats_server.restart_node(index)
+        return f" n{index}" + (" (the stream leader)" if index == leader else "")
+    if kind == "pg_restart":
+        primary.stop()
         time.sleep(rng.uniform(0, 1.0))
-        pg.start()
-    elif kind == "pg_kill":
-        pg.kill()
+        primary.start()
+        return ""
+    if kind == "pg_kill":
+        primary.kill()
         time.sleep(rng.uniform(0, 1.0))
-        pg.start()
-    else:
-        raise ValueError(kind)
+        primary.start()
+        return ""
+    if kind == "pg_failover":
+        assert isinstance(pg, PgPair), kind
+        new = pg.failover(rejoin=True)
+        return f" pg{new.index} promoted"
+    raise ValueError(kind)
 
 
 def log(out, text: str) -> None:
@@ -702,7 +793,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bad", type=float, default=0.01, help="share of bad events (counted per rejection reason)")
     p.add_argument("--rate", type=float, default=2000, help="events published per second at most (0: unlimited)")
     p.add_argument("--faults", type=int, default=6, help="faults to inject")
-    p.add_argument("--no-fault", action="append", choices=FAULT_KINDS, help="leave this kind of fault out")
+    p.add_argument("--faults-per-kind", type=int, default=0, help="inject this many of every kind (overrides --faults)")
+    p.add_argument("--even", action="store_true", help="every kind in turn (shuffled per round), not random picks")
+    p.add_argument("--no-fault", action="append", choices=ALL_FAULT_KINDS, help="leave this kind of fault out")
+    p.add_argument("--nats-cluster", type=int, default=0, metavar="N",
+                   help="a NATS cluster of N nodes (0: one nats-server); adds nats_node_kill and nats_node_restart")
+    p.add_argument("--pg-standby", action="store_true",
+                   help="PostgreSQL with a synchronous streaming standby; adds pg_failover")
     p.add_argument("--min-interval", type=float, default=0.5, help="shortest pause between faults (s)")
     p.add_argument("--max-interval", type=float, default=3.0, help="longest pause between faults (s)")
     p.add_argument("--replicas", type=int, default=1, help="serve processes sharing the durable consumer")

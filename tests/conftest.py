@@ -12,6 +12,9 @@ import trio_asyncio  # isort: skip  # first: it patches asyncio before psycopg b
 # - `nats_server` / `pg_server`: fresh embedded servers the test controls
 #   (restart, kill). `pg_server` runs with fsync off unless the test asks:
 #   `@pytest.mark.parametrize("pg_server", [{"fsync": True}], indirect=True)`.
+# - `nats_cluster` / `pg_pair`: a 3-node nats-server cluster and a PostgreSQL
+#   primary with a synchronous standby (dcmstatus.devtools.cluster) the test
+#   controls (kill a node, fail over); tests using them get the `cluster` marker.
 # - `fast_path`: True and False, for NatsSettings.fast_path (both consume paths).
 # - `asyncio_loop`: a trio-asyncio loop for async tests that call asyncio
 #   code (nats-py); pytest-trio cannot open one by itself.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import pytest
 
+from dcmstatus.devtools.cluster import NatsCluster, PgPair
 from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database, drop_database
 
 DCM_SUBJECTS = "dcm.*"
@@ -43,6 +47,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.is_relative_to(_INTEGRATION_DIR):
             item.add_marker(pytest.mark.integration)
+        if {"nats_cluster", "pg_pair"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
 
 
 # ----------------------------------------------------------------- PostgreSQL
@@ -174,6 +180,30 @@ def nats_server(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path):
+    """A fresh 3-node nats-server cluster (JetStream on each) this test owns."""
+    cluster = NatsCluster(tmp_path / "nats-cluster", size=3)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_pair(pg_template: Path):
+    """A fresh PostgreSQL primary with a synchronous streaming standby this
+    test owns; `pg_pair.url_for(db)` is the multi-host URL (target_session_attrs=read-write)."""
+    with _pg_dir("pg-pair", Path(tempfile.gettempdir())) as path:
+        pair = PgPair(path, fsync=_test_fsync(), template=pg_template)
+        pair.start()
+        try:
+            yield pair
+        finally:
+            pair.stop()
 
 
 @pytest.fixture(params=[True, False], ids=["fast-path", "public-api"])

@@ -52,6 +52,21 @@ Terminal clients of a running service's HTTP API:
 """
 
 
+_SERVE_ROLES = """\
+roles (--role, docs/operations.md#roles):
+  all       one process runs both halves (the default; embedded servers work)
+  consumer  intake from NATS, the writers and the change relay; HTTP serves only
+            /api/v1/health and /metrics (other paths: 404 naming the role)
+  api       the HTTP API, watch streams and dashboard, from PostgreSQL and its
+            LISTEN/NOTIFY; never connects to NATS (--nats-url not needed)
+  Scale each on its own, all on the same servers and durable, e.g.
+    dcmstatus serve --role consumer --nats-url nats://n1:4222 --database-url postgresql://db/dcm
+    dcmstatus serve --role api --database-url postgresql://db/dcm --http-host 0.0.0.0
+  An option only the other role uses is ignored with a warning, so both roles
+  can share one config file.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -79,8 +94,10 @@ def _parser() -> argparse.ArgumentParser:
         "serve",
         allow_abbrev=False,
         help="run the service",
-        description="Consume status events from NATS JetStream and keep PostgreSQL current; serve the HTTP API. "
+        description="Consume status events from NATS JetStream and keep PostgreSQL current; serve the HTTP API.\n"
         "With neither --nats-url nor --database-url it starts embedded servers.",
+        epilog=_SERVE_ROLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_serve_options(serve)
     serve.set_defaults(run=_serve)
@@ -175,9 +192,11 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="measure throughput, latency and memory against the limits of this machine",
-        description="Run the benchmark (see scripts/bench.py): backlog drain, consume-only and write-only "
-        "ceilings, the one-UPDATE-per-event reference design, latency at a fixed rate, peak memory, "
-        "and what a duplicate costs; prints a table (or --json). Starts its own servers unless given URLs.",
+        description="Run the benchmark (see docs/performance.md): backlog drains (change feed on and off, "
+        "10k and 100k instances), consume-only and write-only ceilings, the one-UPDATE-per-event reference "
+        "design, latency at a fixed rate (committed, SSE, NATS change), peak memory, what a duplicate costs, "
+        "and the HTTP API quiet and against a drain, each with the CPU per event of the service, nats-server "
+        "and PostgreSQL; prints a table and the targets (or --json). Starts its own servers unless given URLs.",
     )
     from dcmstatus.devtools.bench_options import add_arguments as add_bench_arguments
 
@@ -235,8 +254,12 @@ def _load_config(args: argparse.Namespace, only: tuple[str, ...] | None = None) 
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config, _ = _load_config(args)
+    config, sources = _load_config(args)
     _setup_logging(config.log_level, config.log_format)
+    if unused := config.unused_options(sources):
+        logging.getLogger("dcmstatus").warning(
+            "--role %s does not use %s: ignored (docs/operations.md#roles)", config.role, ", ".join(unused)
+        )
     import trio
 
     from dcmstatus.service import serve

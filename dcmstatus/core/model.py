@@ -53,6 +53,10 @@ class Delivery(msgspec.Struct, gc=False):
     # that is not UTF-8, a broken header block, …): the sentence saying so.
     # Such a delivery is not decoded; it is rejected as invalid_envelope.
     unreadable: str | None = None
+    # Messages the stream still held for the consumer when this one was sent
+    # (the last number of a JetStream ack subject); 0 when not known. While
+    # it is not 0 more is on its way, so the pipeline lets batches fill.
+    pending: int = 0
 
 
 class StatusUpdate(msgspec.Struct, frozen=True, gc=False):

@@ -16,7 +16,11 @@ _TOKEN_SCHEMES = ("nats", "tls", "ws", "wss")
 def redact_url(url: str) -> str:
     """Hide a password in scheme://user:password@host URLs, a NATS token in
     nats://TOKEN@host, and a password= parameter (URL query or libpq
-    key=value form). Everything else, the query included, is kept."""
+    key=value form). Everything else, the query included, is kept.
+    A list of URLs (--nats-url's comma-separated servers) is redacted entry
+    by entry: each may carry its own token."""
+    if url.count("://") > 1:
+        return ",".join(redact_url(entry) for entry in url.split(","))
     url = _PASSWORD_PARAM.sub(lambda m: m.group(1) + REDACTED, url)
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:

@@ -784,6 +784,15 @@ class EmbeddedPostgres(_ServerProcess):
             "unix_socket_directories": str(self._socket_dir),
             "logging_collector": "off",
             "huge_pages": "off",
+            # Checkpoints far enough apart that a drain of a million events
+            # is not split by one (docs/operations.md#postgresql-settings):
+            # after every checkpoint, the first change of each page writes the
+            # whole page to the WAL again, and a larger table has more pages
+            # touched fewer times each - the cost per event grows with the
+            # instance count. The price: crash recovery may replay up to
+            # max_wal_size of WAL, and pg_wal may hold that much.
+            "max_wal_size": "2GB",
+            "checkpoint_timeout": "15min",
         }
         if not self.fsync:
             settings.update(fsync="off", full_page_writes="off")

@@ -124,6 +124,7 @@ class Pipeline:
         decode = self._decode
         max_batch = settings.max_batch
         wake_at = math.inf
+        backlog = 0
         async with deliveries:
             try:
                 while True:
@@ -141,6 +142,9 @@ class Pipeline:
                                 burst.append(deliveries.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             pass  # the next receive() reports the end
+                        # The stream's backlog as of the newest delivery: while
+                        # it is not 0, more arrives at once (see the hold below).
+                        backlog = burst[-1].pending
                         self._metrics.events_received.inc(len(burst))
                         skewed = 0
                         for d in burst:
@@ -163,7 +167,17 @@ class Pipeline:
                         # Outside the timer's scope: a send cancelled after take()
                         # would drop the batch (NATS would redeliver it, late).
                         await self._flush(builder, batch_channels)
+                    elif backlog:
+                        # A backlog: more is on its way, so the batch fills up to
+                        # max_batch instead of going to an idle writer half
+                        # empty (fewer commits per event, more coalescing). The
+                        # timer still hands it over when nothing arrives for
+                        # max_delay (the credit is used up, or the source stalls).
+                        backlog = 0
+                        wake_at = trio.current_time() + settings.max_delay
+                        continue
                     _hand_to_idle_writers(builder, batch_channels)
+                    backlog = 0
                     wake_at = trio.current_time() + settings.max_delay if len(builder) else math.inf
                 await self._flush(builder, batch_channels)
             finally:

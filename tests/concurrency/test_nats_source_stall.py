@@ -83,7 +83,7 @@ class FakeServer:
 
     async def stream_info(self, stream: str):
         return SimpleNamespace(
-            config=SimpleNamespace(name=stream, subjects=["dcm.*"], max_age=3600.0, max_bytes=-1, max_msgs=-1)
+            config=SimpleNamespace(name=stream, subjects=["dcm.*"], max_age=3600.0, max_bytes=-1, max_msgs=-1, num_replicas=1)
         )
 
     async def consumer_info(self, stream: str, durable: str, timeout: float | None = None):

@@ -148,6 +148,46 @@ async def test_an_idle_writer_takes_a_partial_batch_at_once(autojump_clock):
         await send.aclose()
 
 
+def backlogged(seq: int, body: bytes, pending: int) -> Delivery:
+    return Delivery("dcm.vm", None, body, seq, 0, f"ack-{seq}", None, pending)
+
+
+async def test_with_a_backlog_a_batch_fills_before_an_idle_writer_takes_it(autojump_clock):
+    """While the stream says more is pending, deliveries arriving in bursts
+    fill one batch (fewer commits, more coalescing) instead of a commit per
+    burst; once pending is 0 the rest goes at once."""
+    store = FakeStore()
+    pipeline, source, send, receive = make(PipelineSettings(max_batch=30, max_delay=0.005, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        for burst in range(5):  # 10 per burst, 1 ms apart: faster than max_delay
+            for seq in range(burst * 10 + 1, burst * 10 + 11):
+                send.send_nowait(backlogged(seq, f"i{seq % 7}:RUNNING:{seq}".encode(), 50 - seq))
+            await trio.sleep(0.001)
+        await trio.sleep(1)
+        await send.aclose()
+    assert [len(b) for _, b in store.committed] == [30, 20]  # the last 20: pending 0, at once
+    assert [round(t - start, 6) for t, _ in store.committed] == [0.002, 0.004]
+    assert sum(b.superseded for _, b in store.committed) == 50 - 14  # 7 instances per batch kept
+    assert sorted(source.acked_tokens()) == sorted(f"ack-{s}" for s in range(1, 51))
+
+
+async def test_a_backlog_that_stops_arriving_is_handed_over_after_max_delay(autojump_clock):
+    """Pending says more, but nothing comes (credit used up, a stalled source):
+    the held batch goes at the next look, max_delay later."""
+    store = FakeStore()
+    pipeline, _source, send, receive = make(PipelineSettings(max_batch=1000, max_delay=0.02, writers=1), [store])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pipeline.run, receive)
+        start = trio.current_time()
+        for seq in range(1, 6):
+            send.send_nowait(backlogged(seq, f"i{seq}:RUNNING:1".encode(), 10_000))
+        await trio.sleep(1)
+        await send.aclose()
+    assert [(round(t - start, 6), len(b)) for t, b in store.committed] == [(0.02, 5)]
+
+
 async def test_a_batch_fills_while_its_writer_commits_then_goes_when_it_is_free(autojump_clock):
     store = FakeStore(delay=1.0)
     pipeline, _source, send, receive = make(PipelineSettings(max_batch=100, max_delay=0.005, writers=1), [store])

@@ -170,3 +170,10 @@ def test_the_startup_timeout_is_an_option_declared_once(tmp_path):
         [sys.executable, "-m", "dcmstatus", "serve", "--help"], capture_output=True, text=True
     ).stdout
     assert "--startup-timeout" in help_text and "0 waits forever" in help_text
+
+
+def test_stream_replicas_a_single_server_cannot_hold_is_a_configuration_error(nats_url, database_url, starting):
+    svc = starting(nats_url, database_url, "--stream-replicas", "3")
+    assert svc.proc.wait(60) == 2, svc.log()
+    assert "--stream-replicas 3: the NATS server is not part of a cluster" in svc.log(), svc.log()
+    assert "waiting for" not in svc.log()

@@ -229,3 +229,30 @@ def test_hostile_text_shows_literally_and_runs_nothing(service: Running, browser
     assert browser.execute_script("return window.__xss") is None
     assert not browser.find_elements(By.CSS_SELECTOR, "#instances img, #instances script")
     browser.save_screenshot(str(tmp_path / "xss.png"))
+
+
+def test_an_api_replicas_dashboard_goes_live_on_a_consumer_replicas_changes(tmp_path, nats_url, database_url, browser):
+    from test_roles import start_role
+
+    consumer = start_role(tmp_path, "consumer", "--role", "consumer", "--nats-url", nats_url, "--database-url", database_url)
+    api = start_role(tmp_path, "api", "--role", "api", "--database-url", database_url)
+    try:
+        browser.get(api.http_url + "/")
+        wait(browser, lambda d: connection_badge(d) == "live", "the live badge")
+        create(api, "vm1")
+        wait(browser, lambda d: row_cells(d, "vm1"), "the new row")
+        publish(nats_url, "vm", "vm1", "Running")  # applied by the consumer replica
+        wait(browser, lambda d: (row_cells(d, "vm1") or [""] * 7)[4] == "RUNNING", "the row to turn RUNNING")
+        # Its health is the api role's; its own intake figures would be zeros, so the page says where they are.
+        wait(browser, lambda d: "notifications" in text_of(d, "health"), "the api role's health")
+        assert "nats" not in text_of(browser, "health")
+        assert browser.find_element(By.ID, "intake-elsewhere").is_displayed()
+    finally:
+        assert api.stop() == 0, api.log()
+        assert consumer.stop() == 0, consumer.log()
+
+
+def test_the_intake_note_stays_hidden_on_a_replica_that_consumes(service: Running, browser):
+    browser.get(service.http_url + "/")
+    wait(browser, lambda d: "consumer" in text_of(d, "health"), "the health list")
+    assert not browser.find_element(By.ID, "intake-elsewhere").is_displayed()

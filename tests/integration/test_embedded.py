@@ -140,6 +140,19 @@ def test_postgres_is_durable_by_default(pg_server: EmbeddedPostgres):
     assert settings == {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on", "max_connections": "100"}
 
 
+@pytest.mark.parametrize("pg_server", [{"fsync": True}], indirect=True)
+def test_postgres_checkpoints_are_spaced_for_drains(pg_server: EmbeddedPostgres):
+    # docs/operations.md#postgresql-settings: a million-event drain fits
+    # between two checkpoints, so pages are written whole to the WAL once.
+    with psycopg.connect(pg_server.url) as conn:
+        max_wal_mb, timeout_s = conn.execute(
+            "SELECT (SELECT setting::int FROM pg_settings WHERE name = 'max_wal_size'),"
+            " (SELECT setting::int FROM pg_settings WHERE name = 'checkpoint_timeout')"
+        ).fetchone()  # type: ignore[misc]
+    assert max_wal_mb >= 2048
+    assert timeout_s >= 15 * 60
+
+
 def test_postgres_taken_port_falls_back_and_listens_on_a_socket_too(pg_data_dir: Path, pg_template: Path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -441,6 +441,7 @@ async def test_health(api):
     assert reply.status == 200
     assert reply.json() == {
         "status": "ok",
+        "role": "all",
         "components": {"database": "ok", "consumer": "subscribed"},
     }
 
@@ -451,6 +452,7 @@ async def test_health(api):
     assert reply.headers["content-type"] == "application/json"
     assert reply.json() == {
         "status": "unavailable",
+        "role": "all",
         "components": {"database": "ok", "consumer": "not subscribed"},
     }
 

@@ -52,8 +52,48 @@ def row(url, instance):
 
 
 def test_migrate_is_idempotent(database_url):
-    assert migrate(database_url) == ["0001_initial", "0002_hot_status_updates", "0003_parked_events", "0004_status_changes"]
+    assert migrate(database_url) == [
+        "0001_initial", "0002_hot_status_updates", "0003_parked_events", "0004_status_changes",
+        "0005_hot_status_changes",
+    ]  # fmt: skip
     assert migrate(database_url) == []
+
+
+# The columns the status writer sets (docs/database.md#hot-updates).
+_WRITTEN = {"status", "status_message", "provider_name", "outputs", "status_time", "status_seq", "updated_at"}
+
+
+def test_no_column_an_event_sets_is_indexed(db):
+    # Otherwise a status change is no HOT update: a new entry in every index.
+    _, url = db
+    with psycopg.connect(url) as conn:
+        indexed = {
+            r[0]
+            for r in conn.execute(
+                "SELECT a.attname FROM pg_index AS i"
+                " JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+                " WHERE i.indrelid = 'service_type_instances'::regclass"
+            )
+        }
+    assert indexed and not indexed & _WRITTEN, indexed & _WRITTEN
+
+
+def test_status_changes_and_republishes_are_hot_updates(db):
+    store, url = db
+    events = [update("vm1", "RUNNING", 1, 1), update("vm1", "RUNNING", 2, 2), update("vm1", "STOPPED", 3, 3)]
+    for e in events:
+        assert store.apply_sync(batch_of(e)).applied == 1
+    store.close()  # its backend reports its counts as it exits
+    deadline = datetime.now(UTC) + timedelta(seconds=20)
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            upd, hot = conn.execute(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'service_type_instances'"
+            ).fetchone()  # type: ignore[misc]
+            if upd >= len(events) or datetime.now(UTC) > deadline:
+                break
+    assert (upd, hot) == (len(events), len(events))
 
 
 def test_applies_newest_and_ignores_replays_and_late_events(db):

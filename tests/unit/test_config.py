@@ -54,7 +54,7 @@ def test_precedence_flag_over_env_over_file_over_default(toml):
     ("text", "message"),
     [
         ("http_prot = 1\n", "unknown key 'http_prot'; did you mean 'http_port'?"),
-        ("zzz = 1\n", "unknown key 'zzz' (known: nats_url,"),
+        ("zzz = 1\n", "unknown key 'zzz' (known: role, nats_url,"),
         ("http_port = '80'\n", "http_port must be an integer"),
         ("http_port = true\n", "http_port must be an integer"),
         ("ack_wait = 'soon'\n", "ack_wait must be a number"),
@@ -248,3 +248,64 @@ def test_a_hyphenated_service_type_from_the_file_round_trips(toml, tmp_path):
     assert _load(["--config", str(again)])[0].catalog() == config.catalog()
     with pytest.raises(ConfigError, match=r"service_types\.'three\.tier': a service type name is lower-case"):
         _load(["--config", toml('[service_types."three.tier"]\nstatuses = ["UP"]\n')])
+
+
+# --- roles (docs/operations.md#roles) ------------------------------------------
+
+
+def test_role_defaults_to_all_and_comes_from_env_or_file(toml):
+    assert _load([])[0].role == "all"
+    url = {"DCMSTATUS_NATS_URL": "nats://n:4222", "DCMSTATUS_DATABASE_URL": "postgresql://db/x"}
+    assert _load([], {**url, "DCMSTATUS_ROLE": "Consumer"})[0].role == "consumer"
+    path = toml("role = 'api'\ndatabase_url = 'postgresql://db/x'\n")
+    config, sources = _load(["--config", path])
+    assert config.role == "api" and sources["role"] == f"file {path}"
+    with pytest.raises(ConfigError, match="DCMSTATUS_ROLE='both'"):
+        _load([], {"DCMSTATUS_ROLE": "both"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--role", "consumer"], "--role consumer needs --nats-url and --database-url"),
+        (["--role", "consumer", "--database-url", "postgresql://db/x"], "--role consumer needs --nats-url"),
+        (["--role", "api"], "--role api needs --database-url"),
+        (["--role", "api", "--nats-url", "nats://n:4222"], "--role api needs --database-url"),
+    ],
+)
+def test_a_role_needs_its_servers(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(argv)
+
+
+def test_an_api_replica_needs_no_nats_url():
+    config, _ = _load(["--role", "api", "--database-url", "postgresql://db/x"])
+    assert config.nats_url is None and not config.embedded
+    assert config.runs("api") and not config.runs("consumer")
+
+
+def test_options_of_the_other_role_are_named_with_their_source(tmp_path, toml):
+    token = tmp_path / "token"
+    token.write_text("a-token\n")
+    path = toml("writers = 4\nmax_watch_streams = 5\n")
+    argv = ["--config", path, "--database-url", "postgresql://db/x", "--nats-url", "nats://n:4222",
+            "--api-token-file", str(token)]  # fmt: skip
+    api, sources = _load([*argv, "--role", "api"], {"DCMSTATUS_STREAM": "s"})
+    assert api.unused_options(sources) == ["--nats-url (flag)", "--stream (env DCMSTATUS_STREAM)", f"--writers (file {path})"]
+    consumer, sources = _load([*argv, "--role", "consumer"])
+    # The token read from its file is named once, by the option that named the file.
+    assert consumer.unused_options(sources) == [f"--max-watch-streams (file {path})", "--api-token-file (flag)"]
+    everything, sources = _load(argv)
+    assert everything.unused_options(sources) == []
+
+
+def test_every_nats_and_intake_option_belongs_to_the_consumer():
+    # A new NATS option that forgets its role would be "used" by an api
+    # replica, which never connects to NATS: no warning would say otherwise.
+    from dataclasses import fields
+
+    roles = {f.name: f.metadata.get("role") for f in fields(ServeConfig)}
+    nats_options = [n for n in roles if n.startswith(("nats_", "stream", "changes_")) and n != "nats_port"]
+    assert nats_options and all(roles[n] == "consumer" for n in nats_options), roles
+    assert roles["api_token"] == roles["page_token_secret"] == roles["max_watch_streams"] == "api"
+    assert roles["database_url"] is None and roles["role"] is None

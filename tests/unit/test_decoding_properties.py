@@ -3,19 +3,25 @@
 - any valid status event built with the official CloudEvents SDK (structured
   mode, and binary mode through the SDK's ce-* header binding) is accepted,
   and decodes to exactly what was put in;
-- any headers (any names, any values, any case) with any body never raise.
+- any headers (any names, any values, any case) with any body never raise;
+- the one-pass decode of valid structured events decides exactly as the
+  careful decode, whatever the body.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+import pytest
 from cloudevents.core.bindings import http as ce_binding
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dcmstatus.core import decoding
 from dcmstatus.core.catalog import Catalog
 from dcmstatus.core.decoding import MAX_INSTANCE_ID_LENGTH, Decoder
 from dcmstatus.core.model import REJECTION_REASONS, Rejection, StatusUpdate
@@ -149,3 +155,117 @@ def test_time_within_a_second_keeps_order():
         update = DECODER.decode("dcm.vm", None, body, 1, 0)
         assert previous is None or update.event_time > previous
         previous = update.event_time
+
+
+# -- the one-pass decode of valid structured events agrees with the careful one
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats(allow_nan=False) | texts,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=6,
+)
+# Per member, the values that sit on a rule's edge; then anything.
+ODD: dict[str, list[object]] = {
+    "specversion": ["0.3", "1.0 ", "", 1.0, None],
+    "id": ["", 1, None, ["e"]],
+    "source": ["", "a\x00b", 1, None],
+    "type": ["", 0, None],
+    "subject": ["", "bad id", "vm-2", 5, None],
+    "time": ["", "2026-01-01T00:00:00", "2026-01-01T01:00:00+01:00", "2026-13-01T00:00:00Z", "9999-12-31T23:59:59-23:59",
+             "2026-01-01 00:00:00z", 0, None],
+    "datacontenttype": ["", "text/plain", "application/x+json", "APPLICATION/JSON; x=1", 1, None],
+    "dataschema": ["", "https://s", 1, None],
+    "data_base64": ["eyJpZCI6InZtLTEiLCJzdGF0dXMiOiJSVU5OSU5HIn0=", "!!", "", 1, None],
+    "extension": ["x", None],
+    "data.id": ["", "bad id", "vm-2", 1, None, "a" * 254],
+    "data.status": ["running ", "RUNNING", "FLYING", "", 1, None],
+    "data.message": ["", "a\x00b", 1, None, ["x"]],
+    "data.timestamp": ["", "2026-01-01T00:00:00", "2026-01-02T00:00:00Z", 1, None],
+    "data.output_spec": [[], "x", None, {"a": "\x00"}, {"n": 1e308}, {"n": 10**400}],
+}
+@st.composite
+def structured_bodies(draw):
+    """Structured-mode bodies near the valid ones: each member may be absent,
+    null, of another type, empty or odd; some bytes may be cut or repeated."""
+    envelope = {"specversion": "1.0", "id": "e-1", "source": "kubevirt", "type": "dcm.status.vm",
+                "time": "2026-01-01T00:00:00Z", "subject": "dcm.vm", "datacontenttype": "application/json"}  # fmt: skip
+    data = {"id": "vm-1", "status": "Running", "message": "up", "timestamp": "2026-01-01T00:00:01Z",
+            "output_spec": {"cidr": "10.0.0.0/24"}}  # fmt: skip
+    # One or two changes each, so that many bodies stay valid or nearly so.
+    for _ in range(draw(st.integers(0, 2))):
+        name = draw(st.sampled_from(sorted(ODD)))
+        target, key = (data, name[5:]) if name.startswith("data.") else (envelope, name)
+        if draw(st.integers(0, 3)) == 0:
+            target.pop(key, None)
+        else:
+            odd = draw(st.integers(0, 4)) > 0
+            target[key] = draw(st.sampled_from(ODD[name]) if odd else json_values)
+    envelope["data"] = draw(st.sampled_from([data] * 8 + [None, [data], "text", {}]))
+    if draw(st.integers(0, 9)) == 0:
+        envelope.pop("data")
+    body = json.dumps(envelope, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+    if draw(st.integers(0, 9)) == 0:
+        where = draw(st.integers(0, len(body)))
+        body = body[:where] + draw(st.sampled_from([b"", b"}", b",", b'"', b"\xff", b"\\u0000"])) + body[where + 1 :]
+    return body
+
+
+@settings(SETTINGS, max_examples=1000)
+@given(st.sampled_from(["dcm.vm", "dcm.network", "dcm.cluster"]), structured_bodies(), st.integers(0, 2**62))
+def test_the_one_pass_decode_and_the_careful_decode_agree(monkeypatch_module, subject, body, stream_ns):
+    """Whatever the body, the decoder decides exactly as it does with its
+    one-pass shortcut (_ValidEnvelope) turned off: the shortcut can accept
+    nothing the careful rules reject, and changes no value."""
+    decoder = Decoder(CATALOG, max_clock_skew=300)
+    fast = decoder.decode(subject, None, body, 7, stream_ns)
+    with monkeypatch_module.context() as patch:
+        patch.setattr(decoding, "_decode_valid", _refuse)
+        careful = decoder.decode(subject, None, body, 7, stream_ns)
+    assert fast == careful
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _one_change(name: str, value: object) -> bytes:
+    envelope: dict = {"specversion": "1.0", "id": "e-1", "source": "kubevirt", "type": "dcm.status.vm",
+                      "time": "2026-01-01T00:00:00Z", "subject": "dcm.vm", "datacontenttype": "application/json",
+                      "data": {"id": "vm-1", "status": "Running", "message": "up"}}  # fmt: skip
+    target, key = (envelope["data"], name[5:]) if name.startswith("data.") else (envelope, name)
+    if value is _ABSENT:
+        target.pop(key, None)
+    else:
+        target[key] = value
+    return json.dumps(envelope).encode()
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [(name, value) for name, values in ODD.items() for value in [*values, _ABSENT]]
+)
+def test_each_edge_decides_the_same_with_and_without_the_one_pass_decode(monkeypatch, name, value):
+    """Every value on a rule's edge, one member at a time (the property test
+    above mixes them, but meets a given one rarely)."""
+    body = _one_change(name, value)
+    decoder = Decoder(CATALOG, max_clock_skew=300)
+    fast = decoder.decode("dcm.vm", None, body, 7, 0)
+    monkeypatch.setattr(decoding, "_decode_valid", _refuse)
+    assert fast == decoder.decode("dcm.vm", None, body, 7, 0)
+
+
+def _refuse(body: bytes) -> None:
+    raise msgspec.ValidationError("the shortcut is off")
+
+
+def test_the_one_pass_decode_takes_the_providers_events():
+    """The shortcut is the common path: a known provider's event fits it."""
+    body = json.dumps({"specversion": "1.0", "id": "e", "source": "kubevirt.localhost", "type": "dcm.status.vm",
+                       "subject": "dcm.vm", "datacontenttype": "application/json", "time": "2026-01-01T00:00:00Z",
+                       "data": {"id": "vm-1", "status": "Running", "timestamp": "2026-01-01T00:00:00Z"}}).encode()  # fmt: skip
+    assert isinstance(decoding._decode_valid(body), decoding._ValidEnvelope)
+    assert isinstance(DECODER.decode("dcm.vm", None, body, 1, 0), StatusUpdate)

@@ -9,6 +9,7 @@ against the installed nats-py, and what the source does when it fails.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from types import SimpleNamespace
@@ -395,3 +396,130 @@ async def test_the_widened_parser_splits_msg_lines_as_the_server_does(monkeypatc
     assert seen == [(7, b"dcm.a\x0bb", ACK, b"ok", None), (7, b"dcm.\x0c", b"_R", b"ok", b"NATS/1.0\r\n\r\n")]
     monkeypatch.setattr(parser, "MSG_RE", re.compile(rb"\AMSG (other)"))
     assert "MSG_RE is not the pattern expected" in internals.widen_protocol_parser()
+
+
+# ------------------------------------------------------------ the frame parser
+
+
+class ParsingNC(FakeNC):
+    """FakeNC with nats-py's real protocol parser in front of it."""
+
+    def __init__(self) -> None:
+        import nats.protocol.parser
+
+        super().__init__()
+        self._ps = nats.protocol.parser.Parser(self)
+        self.pings = 0
+
+    async def _process_ping(self):
+        self.pings += 1
+
+    async def _process_pong(self):
+        pass
+
+
+def parsing_source(frame_parser: bool) -> tuple[JetStreamSource, ParsingNC, trio.MemoryReceiveChannel]:
+    source = JetStreamSource(NatsSettings(url="nats://fake"), Metrics())
+    nc = ParsingNC()
+    source._nc, source._sub = nc, nc.sub
+    send, receive = trio.open_memory_channel(float("inf"))
+    source._deliveries = send
+    source._install_fast_path()
+    if not frame_parser:
+        internals.remove_frame_hook(nc)
+        internals.install_frame_hook(nc, nc.sub, source._on_frame, source._refill, source._on_hook_error)
+    assert source.fast_path and ("parse" in vars(nc._ps)) == frame_parser
+    return source, nc, receive
+
+
+def wire(subject: bytes, sid: int, reply: bytes, data: bytes, headers: bytes | None) -> bytes:
+    if headers is None:
+        line = b"MSG %s %d %s%d\r\n" % (subject, sid, reply + b" " if reply else b"", len(data))
+        return line + data + b"\r\n"
+    line = b"HMSG %s %d %s%d %d\r\n" % (subject, sid, reply + b" " if reply else b"", len(headers), len(headers) + len(data))
+    return line + headers + data + b"\r\n"
+
+
+def test_the_frame_parser_passes_its_self_test_on_the_installed_nats_py():
+    """Fails when a nats-py upgrade changes the parser internals.py reads around."""
+    assert internals.frame_parser_problem(nats.aio.client.Client()) is None
+    assert internals.frame_parser_problem(FakeNC()) == "Client._ps is not a nats.protocol.parser.Parser"
+
+
+async def test_the_frame_parser_reads_our_frames_itself_and_passes_on_the_rest():
+    _source, nc, receive = parsing_source(frame_parser=True)
+    ours = [wire(b"dcm.vm", SID, ACK, EVENT, None) for _ in range(50)]
+    stream = b"".join(ours[:20]) + b"PING\r\n" + wire(b"_INBOX.other", SID + 1, b"", b"x", None) + b"".join(ours[20:])
+    await nc._ps.parse(stream[:1000])
+    await nc._ps.parse(stream[1000:])
+    got = drain(receive)
+    assert len(got) == 50 and {d.token for d in got} == {ACK.decode()} and got[0].body == EVENT
+    assert nc.pings == 1 and nc.passed_on == [(SID + 1, b"_INBOX.other")]
+    # Read in one loop, the frames never went through nats-py's per-frame path:
+    # only those after the PING did (nats-py's parser read the rest of that chunk).
+    calls = []
+    nc._process_msg, hook = (lambda *a: calls.append(a) or hook(*a)), nc._process_msg  # type: ignore[method-assign]
+    await nc._ps.parse(b"".join(ours))
+    assert len(drain(receive)) == 50 and calls == []
+
+
+frames_on_the_wire = st.lists(
+    st.tuples(
+        st.one_of(subjects.filter(lambda s: not any(c in s for c in b" \t\r\n")), st.just(b"dcm.vm")),
+        st.sampled_from([SID, SID, SID, SID + 1, 70]),
+        st.one_of(acks, st.just(b""), st.just(b"_INBOX.reply")),
+        bodies,
+        st.one_of(st.none(), st.sampled_from([b"NATS/1.0\r\n\r\n", b"NATS/1.0 408 Request Timeout\r\n\r\n",
+                                              b"NATS/1.0\r\nce-id: x\r\n\r\n"])),
+    ),
+    min_size=1, max_size=12,
+)  # fmt: skip
+
+
+@SETTINGS
+@given(frames_on_the_wire, st.lists(st.integers(0, 4000), max_size=6), st.booleans())
+def test_the_frame_parser_reads_any_stream_as_nats_pys_parser_and_the_frame_hook(frames, cuts, pings):
+    """Whatever the frames and however the stream is cut into chunks, the
+    source receives the same deliveries, statuses and drops with the frame
+    parser as through nats-py's parser and the frame hook alone."""
+    parts = [wire(*frame) for frame in frames]
+    if pings:
+        parts.insert(len(parts) // 2, b"PING\r\n+OK\r\n")
+    stream = b"".join(parts)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+
+    async def run(frame_parser: bool):
+        source, nc, receive = parsing_source(frame_parser)
+        statuses = []
+        source._on_status = lambda headers: statuses.append(dict(headers))
+        for a, b in itertools.pairwise(bounds):
+            await nc._ps.parse(stream[a:b])
+        return drain(receive), statuses, dropped(source), nc.passed_on, nc.pings, bytes(nc._ps.buf)
+
+    assert trio.run(run, True) == trio.run(run, False)
+
+
+async def test_a_parser_that_fails_its_check_leaves_the_frame_hook_in_charge(monkeypatch):
+    import dcmstatus.adapters.nats.source as source_module
+
+    monkeypatch.setattr(source_module, "_PARSER_SELF_TEST", {})
+    monkeypatch.setattr(internals, "_TEST_OPERATIONS", 99)  # the recorded stream no longer reads as expected
+    source = JetStreamSource(NatsSettings(url="nats://fake"), Metrics())
+    nc = ParsingNC()
+    source._nc, source._sub = nc, nc.sub
+    send, receive = trio.open_memory_channel(float("inf"))
+    source._deliveries = send
+    source._install_fast_path()
+    assert source.fast_path and not source.frame_parser and "parse" not in vars(nc._ps)
+    await nc._ps.parse(wire(b"dcm.vm", SID, ACK, EVENT, None))
+    assert len(drain(receive)) == 1
+
+
+async def test_a_delivery_carries_the_backlog_its_ack_subject_states():
+    """The last number of the ack subject: what the stream still held for the
+    consumer (the pipeline lets batches fill while it is not 0)."""
+    _source, nc, receive = hooked_source()
+    await nc._process_msg(SID, b"dcm.vm", b"$JS.ACK.s.c.1.42.42.1700000000000000000.9137", EVENT, None)
+    await nc._process_msg(SID, b"dcm.vm", DOMAIN_ACK.replace(b".0.token", b".12.token"), EVENT, None)
+    await nc._process_msg(SID, b"dcm.vm", b"$JS.ACK.s.c.1.44.44.1700000000000000000.x", EVENT, None)
+    assert [(d.stream_seq, d.pending, d.unreadable) for d in drain(receive)] == [(42, 9137, None), (43, 12, None), (44, 0, None)]

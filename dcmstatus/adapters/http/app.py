@@ -7,6 +7,8 @@ requests run at once, the rest wait; 503 beyond a bound), `BearerToken`
 them), then Starlette's router and the handlers of routes/.
 Outcomes become RFC 7807 problems in problems.py. Adding a route is adding a
 `resource(...)` to a routes module, or a new module to the list below.
+A consumer replica (`--role consumer`) mounts only health and /metrics
+(docs/operations.md#roles).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dcmstatus.adapters.http.admission import DEFAULT_MAX_RUNNING, DEFAULT_MAX_W
 from dcmstatus.adapters.http.auth import BearerToken
 from dcmstatus.adapters.http.inputs import MAX_BODY_BYTES
 from dcmstatus.adapters.http.page_tokens import PageTokens
-from dcmstatus.adapters.http.problems import EXCEPTION_HANDLERS, InternalErrors
+from dcmstatus.adapters.http.problems import EXCEPTION_HANDLERS, InternalErrors, role_handlers
 from dcmstatus.adapters.http.routes.dashboard import DashboardRoutes
 from dcmstatus.adapters.http.routes.instances import InstanceRoutes
 from dcmstatus.adapters.http.routes.rejected_events import RejectedEventRoutes
@@ -50,6 +52,7 @@ def make_app(
     max_waiting_requests: int = DEFAULT_MAX_WAITING,
     max_running_requests: int = DEFAULT_MAX_RUNNING,
     intake_busy: Callable[[], bool] = lambda: False,
+    role: str = "all",
 ) -> Starlette:
     """The ASGI application serving /api/v1, /metrics and the dashboard at /.
 
@@ -65,8 +68,17 @@ def make_app(
     streams are open at once. At most `max_running_requests` requests run at
     once (fewer while `intake_busy()`: the pipeline goes first); beyond
     `max_waiting_requests` waiting for their turn, a request gets 503
-    (admission.py).
+    (admission.py). With `role` "consumer" only health and /metrics are
+    served, and every other path is a 404 naming the role.
     """
+    if role == "consumer":
+        consumer_app = Starlette(
+            routes=SystemRoutes(health, metrics_registry, role).routes,
+            middleware=[Middleware(SecurityHeaders), Middleware(InternalErrors), Middleware(RoutingPath)],
+            exception_handlers=role_handlers(role, f"{HEALTH_PATH} and {METRICS_PATH}"),
+        )
+        consumer_app.router.redirect_slashes = False
+        return consumer_app
     if callable(catalog_service_types):
         service_types = catalog_service_types
     else:
@@ -77,7 +89,7 @@ def make_app(
         *InstanceRoutes(store, service_types, tokens, max_body_bytes).routes,
         *RejectedEventRoutes(store, tokens).routes,
         *StatusChangeRoutes(*changes, tokens, metrics_registry, max_watch_streams, watch_heartbeat).routes,
-        *SystemRoutes(health, metrics_registry).routes,
+        *SystemRoutes(health, metrics_registry, role).routes,
         *DashboardRoutes(store, service_types, api_token).routes,
     ]
     middleware = [

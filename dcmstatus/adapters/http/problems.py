@@ -2,7 +2,8 @@
 
 - `HTTPProblem`, raised by our handlers: their own answer (400, 404, 409, ...);
 - Starlette's `HTTPException` from the router: a path nothing serves (404) or
-  a method the path does not take (405, with a sorted Allow);
+  a method the path does not take (405, with a sorted Allow); in a replica
+  that does not serve the API (`--role consumer`), the 404 says so;
 - `StoreUnavailable`: 503 with Retry-After, the cause in our log only;
 - `ClientDisconnect`: the client left mid-request; nobody to answer;
 - anything else: `InternalErrors` answers 500 without naming the cause, and
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dcmstatus.adapters.http.responses import ProblemResponse
 from dcmstatus.core.errors import StoreUnavailable
 
-__all__ = ["EXCEPTION_HANDLERS", "HTTPProblem", "InternalErrors"]
+__all__ = ["EXCEPTION_HANDLERS", "HTTPProblem", "InternalErrors", "role_handlers"]
 
 log = logging.getLogger("dcmstatus.adapters.http")
 
@@ -52,6 +53,23 @@ async def _not_routed(request: Request, exc: Exception) -> ProblemResponse:
         detail = f"{request.method} is not allowed here (allowed: {allow})"
         return ProblemResponse(405, detail, {"allow": allow})
     return ProblemResponse(exc.status_code, exc.detail, exc.headers)
+
+
+def role_handlers(role: str, served: str) -> dict[Any, Any]:
+    """EXCEPTION_HANDLERS for a replica of `role` that serves only `served`:
+    a path it does not serve is a 404 that says why and where to go instead."""
+
+    async def not_served(request: Request, exc: Exception) -> ProblemResponse:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code != 404:
+            return await _not_routed(request, exc)
+        return ProblemResponse(
+            404,
+            f"no resource at {request.scope['path']} on this replica: it runs --role {role} and serves only "
+            f"{served}; the HTTP API, the watch stream and the dashboard are served by replicas of role api or all",
+        )
+
+    return {**EXCEPTION_HANDLERS, HTTPException: not_served}
 
 
 async def _unavailable(request: Request, exc: Exception) -> ProblemResponse:

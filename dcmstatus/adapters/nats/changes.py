@@ -30,6 +30,7 @@ import trio_asyncio
 from nats.js.api import StorageType
 
 from dcmstatus.adapters.nats import internals
+from dcmstatus.adapters.nats.source import nats_servers, stream_replicas
 from dcmstatus.core.changes import PendingChange, change_subject
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class ChangeStreamSettings(msgspec.Struct, frozen=True):
     duplicate_window: float = 600.0  # at most max_age
     window: int = 256  # publishes awaiting their ack at most
     ack_timeout: float = 10.0  # for a window's acks
+    replicas: int | None = None  # of a stream we create; None: 1 on a single server, 3 on a cluster
 
 
 class ChangePublisher:
@@ -93,7 +95,7 @@ class ChangePublisher:
         s = self.settings
         if self._nc is None or self._nc.is_closed:
             self._nc = await nats.connect(
-                s.url,
+                nats_servers(s.url),  # --nats-url may list several servers
                 name="dcmstatus-relay",
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -132,16 +134,19 @@ class ChangePublisher:
         try:
             info = await self._js.stream_info(s.stream)
         except nats.js.errors.NotFoundError:
+            replicas, why = stream_replicas(internals.server_info(self._nc), s.replicas)
             await self._js.add_stream(
                 name=s.stream,
                 subjects=[subjects],
                 storage=StorageType.FILE,
                 max_age=s.max_age,
                 duplicate_window=min(s.duplicate_window, s.max_age),
+                num_replicas=replicas,
             )
             log.info(
-                "created stream %s on %s for change events, kept %gs, duplicates dropped within %gs",
-                s.stream, subjects, s.max_age, min(s.duplicate_window, s.max_age),
+                "created stream %s on %s for change events, kept %gs, duplicates dropped within %gs, "
+                "%d replicas (%s)",
+                s.stream, subjects, s.max_age, min(s.duplicate_window, s.max_age), replicas, why,
             )
             return
         config = info.config

@@ -46,7 +46,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 from dcmstatus.adapters.nats import internals
 from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
 from dcmstatus.adapters.nats.frames import Frame, ack_position, read_frame
-from dcmstatus.core.errors import AccessDenied
+from dcmstatus.core.errors import AccessDenied, ConfigError
 from dcmstatus.core.model import Delivery
 from dcmstatus.core.redaction import redact_url
 from dcmstatus.core.stall import StallWatch, Verdict
@@ -68,6 +68,7 @@ class NatsSettings(msgspec.Struct, frozen=True):
     url: str
     stream: str = "dcm-status"  # created only when no stream captures `subjects`
     stream_max_age: float = 7 * 24 * 3600.0  # retention of a stream we create; 0 = unbounded
+    stream_replicas: int | None = None  # of a stream we create; None: 1 on a single server, 3 on a cluster
     subjects: str = "dcm.*"
     durable: str = "dcmstatus"
     ack_wait: float = 30.0  # seconds before the server redelivers an unacked message
@@ -113,6 +114,7 @@ class JetStreamSource:
         self.consumer_ok = False
         self._watch = StallWatch(settings.stall_timeout)
         self.fast_path = False  # true once the frame hook is installed
+        self.frame_parser = False  # true once the frame parser is installed too
         self._send_acks = _publish_acks  # internals.send_acks with the fast path
         self.acks_failing = False  # the most recent ack send failed
         self._events = EventLog(log)  # rate-limited lines about dropped frames
@@ -128,8 +130,15 @@ class JetStreamSource:
         """Connect, ensure stream and consumer, subscribe, then keep watch until stopped."""
         self._deliveries = deliveries
         await self._connect()
-        await trio_asyncio.aio_as_trio(self._ensure_stream)()
-        await trio_asyncio.aio_as_trio(self._ensure_consumer)()
+        # Right after a node of a cluster went, JetStream answers nothing
+        # (or 503) until the stream and the meta group elect leaders again:
+        # awaited like any dependency at start-up, never a crash.
+        await self._startup.reach(
+            "NATS JetStream",
+            trio_asyncio.aio_as_trio(self._ensure_stream_and_consumer),
+            at=",".join(map(_shown, self.settings.url.split(","))),
+            unreachable=JETSTREAM_UNAVAILABLE,
+        )
         await trio_asyncio.aio_as_trio(self._subscribe)()
         task_status.started()
         s = self.settings
@@ -286,6 +295,10 @@ class JetStreamSource:
 
     # ---- asyncio side ----------------------------------------------------
 
+    async def _ensure_stream_and_consumer(self) -> None:
+        await self._ensure_stream()
+        await self._ensure_consumer()
+
     async def _ensure_stream(self) -> None:
         """Bind to the stream that captures our subjects, or create one.
 
@@ -310,16 +323,29 @@ class JetStreamSource:
                 info = await self._js.stream_info(name)
                 log.info("bound to the existing stream %s, which captures %s", name, s.subjects)
         if info is None:
-            await self._js.add_stream(
-                name=s.stream, subjects=[s.subjects], storage=StorageType.FILE, max_age=s.stream_max_age or None
-            )
+            replicas, why = stream_replicas(internals.server_info(self._nc), s.stream_replicas)
+            try:
+                await self._js.add_stream(
+                    name=s.stream, subjects=[s.subjects], storage=StorageType.FILE,
+                    max_age=s.stream_max_age or None, num_replicas=replicas,
+                )  # fmt: skip
+            except nats.js.errors.BadRequestError as exc:
+                raise _placement_error(exc, replicas, internals.server_info(self._nc)) from None
             bound = f"kept {s.stream_max_age:g}s" if s.stream_max_age else "kept forever (--stream-max-age 0)"
-            log.info("created stream %s on %s, messages %s", s.stream, s.subjects, bound)
+            log.info("created stream %s on %s, messages %s, %d replicas (%s)", s.stream, s.subjects, bound, replicas, why)
             self._bind(s.stream)
             return
         config = info.config
         assert config.name is not None, "a stream's info names it (nats-py types the request's config)"
         self._bind(config.name)
+        have = config.num_replicas or 1
+        if s.stream_replicas is not None and s.stream_replicas != have:
+            log.warning(
+                "stream %s exists with %d replicas: --stream-replicas %d applies only to a stream dcmstatus "
+                "creates, and this one is used as it is", config.name, have, s.stream_replicas,
+            )
+        else:
+            log.info("stream %s has %d replicas", config.name, have)
         if s.subjects not in (config.subjects or []):
             log.warning(
                 "stream %s has subjects %s, not %s; using it as it is",
@@ -456,10 +482,30 @@ class JetStreamSource:
                 "%s; a subject with a vertical tab or form feed may reset the NATS connection (docs/operations.md)",
                 problem,
             )
+        # Checked once per process (a self-test of ~10 ms), then per client.
+        problem = _frame_parser_problem(self._nc)
+        if problem is None:
+            internals.install_frame_parser(
+                self._nc, self._sub, self._read_frame, self._refill_if_room, self._on_hook_error
+            )
+        elif self._nc is not None and hasattr(self._nc, "_ps"):  # a real client: worth saying
+            log.warning("NATS frame parser not used, frames go through nats-py's parser (slower): %s", problem)
+        self.frame_parser = problem is None
 
     def _on_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
-        """One frame of our inbox, as bytes (the fast path). Returns whether
+        """One frame of our inbox, as bytes (the frame hook). Returns whether
         a pull request may be due. Raises only on a bug (the hook catches it)."""
+        return self._read_frame(subject, reply, data, headers) and self._room_for_a_pull()
+
+    async def _refill_if_room(self) -> None:
+        """The frame parser's `after`, once per chunk that delivered: the
+        credit is looked at once per chunk, not once per frame."""
+        if self._room_for_a_pull():
+            await self._refill()
+
+    def _read_frame(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> bool:
+        """One frame of our inbox, as bytes (the fast path). Returns whether
+        a message was delivered. Raises only on a bug (the caller catches it)."""
         if headers is None:
             # The common frame, read inline (frames.ack_position, inlined);
             # anything odd about it raises, and it is read again, carefully.
@@ -467,18 +513,20 @@ class JetStreamSource:
                 ack = reply.decode()
                 tokens = ack.split(".")
                 if len(tokens) == 9 and tokens[1] == "ACK" and tokens[0] == "$JS":
-                    seq, ts = int(tokens[5]), int(tokens[7])
+                    seq, ts, pending = int(tokens[5]), int(tokens[7]), tokens[8]
                 elif len(tokens) >= 11 and tokens[1] == "ACK" and tokens[0] == "$JS":  # with domain and account hash
-                    seq, ts = int(tokens[7]), int(tokens[9])
+                    seq, ts, pending = int(tokens[7]), int(tokens[9]), tokens[10]
                 else:
                     raise ValueError(ack)
-                delivery = Delivery(subject.decode(), None, data, seq, ts, ack)
+                # The consumer's backlog, a hint only: what is not a number is 0.
+                backlog = int(pending) if pending.isascii() and pending.isdigit() else 0
+                delivery = Delivery(subject.decode(), None, data, seq, ts, ack, None, backlog)
             except Exception:
                 pass
             else:
                 self._deliver(delivery)
-                return self._room_for_a_pull()
-        return self._take(read_frame(subject, reply, headers), data) and self._room_for_a_pull()
+                return True
+        return self._take(read_frame(subject, reply, headers), data)
 
     def _take(self, frame: Frame, data: bytes) -> bool:
         """A frame read carefully: a pull status, a delivery (maybe unreadable),
@@ -644,7 +692,7 @@ class JetStreamSource:
                 log.debug("unsubscribing the stalled inbox: %s", exc)
         # The fast path hook filters on the old subscription's id: remove it
         # (nats-py's own method shows through again) so the new one replaces it.
-        vars(self._nc).pop("_process_msg", None)
+        internals.remove_frame_hook(self._nc)
         await self._subscribe()
 
     async def _on_error(self, exc: Exception) -> None:
@@ -693,6 +741,59 @@ def nats_servers(url: str) -> list[str]:
     return servers
 
 
+class StreamUnplaceable(Exception):
+    """The cluster cannot place the stream's replicas now (a node is down): retried at start-up."""
+
+
+# What says "JetStream cannot answer now" at start-up, retried under the
+# start-up policy: no answer (timeout, no responders), 503 and 500 (no leader
+# yet), a stream that cannot be placed while a node is away.
+JETSTREAM_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    StreamUnplaceable,
+)
+
+_MAX_REPLICAS = 3  # the default on a cluster (JetStream allows up to 5)
+
+
+def stream_replicas(server_info: dict[str, Any], wanted: int | None) -> tuple[int, str]:
+    """The replicas of a stream dcmstatus creates, and why (for the log):
+    `wanted` (--stream-replicas) when given, else 1 on a single server and 3
+    on a cluster (the server's INFO names a cluster). ConfigError when
+    `wanted` asks for replicas a single server cannot hold."""
+    cluster = server_info.get("cluster")
+    listed = len(server_info.get("connect_urls") or ())
+    if wanted is not None:
+        if wanted > 1 and not cluster:
+            raise ConfigError(
+                f"--stream-replicas {wanted}: the NATS server is not part of a cluster, so a stream there has "
+                "1 replica; use --stream-replicas 1 (or leave it out), or point --nats-url at a cluster"
+            )
+        return wanted, "--stream-replicas"
+    if not cluster:
+        return 1, "a single server (its INFO names no cluster)"
+    return _MAX_REPLICAS, f"the server is in cluster {cluster!r}, which lists {listed} servers"
+
+
+def _placement_error(exc: nats.js.errors.BadRequestError, replicas: int, server_info: dict[str, Any]) -> Exception:
+    """A refused stream creation, as what it means: more replicas than the
+    cluster has servers is a setting to fix (exit 2); no room for them now (a
+    node down) is awaited; anything else is raised as it came."""
+    if exc.err_code != 10005:  # JSClusterNoPeersErr: "no suitable peers for placement"
+        return exc
+    listed = len(server_info.get("connect_urls") or ())
+    if listed and replicas > listed:
+        return ConfigError(
+            f"--stream-replicas {replicas}: NATS cluster {server_info.get('cluster')!r} lists {listed} servers, "
+            f"too few for {replicas} replicas; use --stream-replicas {listed} or less"
+        )
+    return StreamUnplaceable(f"the cluster cannot place {replicas} replicas now ({exc.description})")
+
+
 def _shown(entry: str) -> str:
     """A server entry fit for an error message: a token or password hidden."""
     head, at, host = entry.rpartition("@")
@@ -703,6 +804,17 @@ async def _publish_acks(nc: Any, tokens: list[str]) -> None:
     """Acks through the public API (the fallback of internals.send_acks)."""
     for token in tokens:
         await nc.publish(token, b"+ACK")
+
+
+_PARSER_SELF_TEST: dict[type, str | None] = {}
+
+
+def _frame_parser_problem(nc: Any) -> str | None:
+    """internals.frame_parser_problem, its self-test run once per parser class."""
+    parser_class = type(getattr(nc, "_ps", None))
+    if parser_class not in _PARSER_SELF_TEST:
+        _PARSER_SELF_TEST[parser_class] = internals.frame_parser_problem(nc)
+    return _PARSER_SELF_TEST[parser_class]
 
 
 def asyncio_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:

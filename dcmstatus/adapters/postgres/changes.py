@@ -152,6 +152,7 @@ class ChangeNotifier:
         self._conninfo = conninfo
         self._wakeup = trio.Event()
         self.closed = False
+        self.listening = False  # the LISTEN connection is up (health says so in an api replica)
 
     def ticket(self) -> trio.Event:
         """Set at the next wake-up (or at close)."""
@@ -178,6 +179,7 @@ class ChangeNotifier:
                     log.info("listening for change notifications again")
                     self.wake()  # what was committed while we were away
                 failures = 0
+                self.listening = True
                 if not started:
                     started = True
                     task_status.started()
@@ -185,6 +187,7 @@ class ChangeNotifier:
                     if await trio.to_thread.run_sync(self._poll, conn):
                         self.wake()
             except psycopg.Error as exc:
+                self.listening = False
                 failures += 1
                 delay = self.RETRY_SECONDS[min(failures, len(self.RETRY_SECONDS)) - 1]
                 log.warning(
@@ -197,6 +200,7 @@ class ChangeNotifier:
                     task_status.started()
                 await trio.sleep(delay)
             finally:
+                self.listening = False
                 if conn is not None:
                     await trio.to_thread.run_sync(conn.close)
 

@@ -47,8 +47,31 @@ __all__ = [
 ]
 
 # What "the database cannot be reached now" looks like from psycopg. The pool's
-# errors are OperationalErrors already; they are named for the reader.
-_UNAVAILABLE = (psycopg.OperationalError, psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed)
+# errors are OperationalErrors already; they are named for the reader. A write
+# refused as read-only (25006) means a standby or a demoted primary answered:
+# unavailable too, while the pool finds the new primary (check_connection).
+_UNAVAILABLE = (
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+    psycopg_pool.PoolClosed,
+    psycopg.errors.ReadOnlySqlTransaction,
+)
+
+
+def check_connection(conn: psycopg.Connection[Any]) -> None:
+    """The pools' `check` at each checkout: raise, so the pool drops it and
+    connects afresh, for a connection that no longer works (its server was
+    killed or failed over: one empty round trip finds out) or whose server
+    now reports itself read-only (a hot standby, or a primary set read-only:
+    PostgreSQL pushes these two settings to every session). The new
+    connection goes where the URL's target_session_attrs sends it
+    (docs/reliability.md#replication-and-failover)."""
+    psycopg_pool.ConnectionPool.check_connection(conn)  # first: its answer brings what changed
+    info = conn.info
+    for setting in ("in_hot_standby", "default_transaction_read_only"):
+        if info.parameter_status(setting) == "on":
+            conn.close()  # the pool keeps a failed connection that is still open
+            raise psycopg.OperationalError(f"the server reports {setting} = on")
 
 
 class Instance(msgspec.Struct, frozen=True):

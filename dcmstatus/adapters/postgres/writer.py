@@ -6,7 +6,11 @@ safe to ack.
 psycopg runs synchronously in a worker thread: as fast as the async driver
 under trio-asyncio, and simpler to cancel (docs/performance.md#why-it-is-fast).
 Each writer owns one `StatusStore` and so one connection; a broken connection
-is dropped and re-opened on the next attempt. A connection is closed only by
+is dropped and re-opened on the next attempt, and so is one to a server that
+refuses writes as read-only (SQLSTATE 25006: a standby, or a primary being
+demoted): with a multi-host URL and target_session_attrs=read-write the next
+connection finds the primary of now (docs/reliability.md#replication-and-failover).
+Either way the batch is not committed, so the pipeline retries it and acks nothing. A connection is closed only by
 the thread that uses it (see `StatusStore.close`).
 """
 
@@ -14,15 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import threading
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 import psycopg
 import psycopg.errors
 import trio
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 
 from dcmstatus.adapters.postgres.conninfo import with_defaults
 from dcmstatus.core.batching import WriteBatch
@@ -72,15 +79,24 @@ _UPDATE_ROWS = """
             OR ev.message IS DISTINCT FROM t.status_message
             OR ev.provider IS DISTINCT FROM t.provider_name
             OR (ev.outputs IS NOT NULL AND ev.outputs::jsonb IS DISTINCT FROM t.outputs))
-    RETURNING t.instance_id
+    RETURNING t.instance_id, t.service_type
 """
 
+# Unknown instances: of the events no row took (what the update did not
+# return), those with no row of their type. Only these few - stale events and
+# unknown ids - look the table up a second time, not every event of the
+# batch; MATERIALIZED keeps the planner from probing the table first.
 _APPLY_UPDATES = f"""
-WITH ev AS ({_EVENTS}), upd AS ({_UPDATE_ROWS})
+WITH ev AS ({_EVENTS}), upd AS ({_UPDATE_ROWS}),
+missed AS MATERIALIZED (
+    SELECT instance_id, service_type FROM ev EXCEPT ALL SELECT instance_id, service_type FROM upd
+)
 SELECT (SELECT count(*) FROM upd),
-       ARRAY(SELECT ev.instance_id FROM ev WHERE NOT EXISTS (
-           SELECT 1 FROM service_type_instances AS t
-            WHERE t.instance_id = ev.instance_id AND t.service_type = ev.service_type))
+       ARRAY(SELECT m.instance_id FROM missed AS m
+              WHERE NOT EXISTS (
+                    SELECT 1 FROM service_type_instances AS t
+                     WHERE t.instance_id = m.instance_id AND t.service_type = m.service_type)
+              ORDER BY m.instance_id)
 """
 
 # Parking (docs/database.md#parked-events), only for a batch that met unknown
@@ -178,6 +194,9 @@ SELECT * FROM unnest(
 _PRUNE_REJECTIONS = "DELETE FROM rejected_events WHERE id <= (SELECT max(id) FROM rejected_events) - %s"
 
 _json = msgspec.json.Encoder()
+_TEXT_OID: Final = 25
+_TEXT_ARRAY_OID: Final = 1009
+_ARRAY_HEADER: Final = struct.Struct(">iiIii")  # ndim, has nulls, element oid, length, lower bound
 
 # Errors that say "this data", not "this database": a value a column refuses,
 # a constraint, a trigger's RAISE. (A failed dump of a Python value is a
@@ -236,6 +255,12 @@ class StatusStore:
                     result = self._apply_updates(conn, batch)
                 if batch.rejections:
                     self._record_rejections(conn, batch)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            # Not this batch's fault, and not this server's to fix: find the primary.
+            self._close_connection()
+            raise StoreUnavailable(
+                f"the database refused the write as read-only ({_first_line(exc)}); reconnecting to find the primary"
+            ) from exc
         except _REFUSALS as exc:
             # The content is at fault, not the database: the pipeline isolates the event.
             raise BatchRefused(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
@@ -284,6 +309,7 @@ class StatusStore:
                     keepalives_count=3,
                 )
             )
+            self._conn.adapters.register_dumper(_TextArray, _TextArrayDumper)
         return self._conn
 
     def _apply_updates(self, conn: psycopg.Connection, batch: WriteBatch) -> BatchResult:
@@ -342,17 +368,74 @@ class StatusStore:
 _NOTHING = BatchResult(0, 0, ())
 
 
-def _event_params(ups: list[StatusUpdate]) -> dict[str, list[Any]]:
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _event_params(ups: list[StatusUpdate]) -> dict[str, Any]:
+    # The text columns as ready binary text[] values (see _TextArray): service
+    # types, statuses, providers and messages repeat across a batch, so their
+    # elements come from a cache; psycopg's list dumper costs ~0.19 µs per
+    # element and column.
     return {
-        "ids": [u.instance_id for u in ups],
-        "types": [u.service_type for u in ups],
-        "statuses": [u.status for u in ups],
-        "messages": [u.message for u in ups],
-        "providers": [u.provider for u in ups],
-        "outputs": [None if u.outputs is None else u.outputs.decode() for u in ups],
+        "ids": _text_array([u.instance_id for u in ups]),
+        "types": _text_array([u.service_type for u in ups], _REPEATED),
+        "statuses": _text_array([u.status for u in ups], _REPEATED),
+        "messages": _text_array([u.message for u in ups], _REPEATED),
+        "providers": _text_array([u.provider for u in ups], _REPEATED),
+        "outputs": _text_array([None if u.outputs is None else u.outputs.decode() for u in ups]),
         "times": [u.event_time for u in ups],
         "seqs": [u.stream_seq for u in ups],
     }
+
+
+class _TextArray:
+    """A text[] parameter already in PostgreSQL's binary array form."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _TextArrayDumper(Dumper):
+    format = Format.BINARY
+    oid = _TEXT_ARRAY_OID
+
+    def dump(self, obj: Any) -> bytes:
+        return obj.data
+
+
+_NULL_ELEMENT: Final = b"\xff\xff\xff\xff"  # length -1
+# Element bytes of recurring values, across batches and writer threads (a
+# dict's get and setdefault are atomic; a value missed is encoded again).
+_REPEATED: dict[str | None, bytes] = {}
+_REPEATED_LIMIT: Final = 10_000  # then it starts afresh: messages can be as many as events
+
+
+def _element(value: str | None) -> bytes:
+    """One element of a binary text array: its length, then its UTF-8 bytes.
+    Text that cannot be encoded (a lone surrogate) raises UnicodeEncodeError,
+    a ValueError: a refusal, as psycopg's own dumper would make it."""
+    if value is None:
+        return _NULL_ELEMENT
+    data = value.encode()
+    return len(data).to_bytes(4, "big") + data
+
+
+def _text_array(values: list[str | None], cache: dict[str | None, bytes] | None = None) -> _TextArray:
+    """PostgreSQL's binary form of a one-dimensional text[] (array_recv):
+    dimensions 1, a has-nulls flag, the element type, the length and lower
+    bound 1, then each element."""
+    if cache is None:
+        elements = list(map(_element, values))
+    else:
+        if len(cache) > _REPEATED_LIMIT:
+            cache.clear()
+        get = cache.get
+        elements = [get(v) or cache.setdefault(v, _element(v)) for v in values]
+    header = _ARRAY_HEADER.pack(1, None in values, _TEXT_OID, len(values), 1)
+    return _TextArray(header + b"".join(elements))
 
 
 def _storable(text: str | None) -> str | None:

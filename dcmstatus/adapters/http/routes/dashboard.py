@@ -97,6 +97,7 @@ def _dashboard(summary: Summary, service_types: Iterable[str], signed_in: bool) 
   </section>
   <section aria-labelledby="chart-h" class="card">
     <h2 id="chart-h">Intake</h2>
+    <p class="empty" id="intake-elsewhere" hidden>This replica runs <code>--role api</code>: intake runs on the consumer replicas, whose <code>/metrics</code> have its figures.</p>
     <div class="chart-row">
     <figure class="chart">
       <figcaption>events/s <strong id="rate-now">–</strong></figcaption>

@@ -32,6 +32,7 @@ HealthCheck = Callable[[], Awaitable[tuple[bool, dict[str, Any]]]]
 
 class Health(msgspec.Struct):
     status: str  # "ok" | "unavailable"
+    role: str  # the replica's --role: which components it reports (docs/operations.md#health)
     components: dict[str, Any]
 
 
@@ -39,14 +40,13 @@ class SystemRoutes:
     """`health` returns (ok, {component: state}); what "healthy" means is
     the caller's business."""
 
-    def __init__(self, health: HealthCheck, registry: CollectorRegistry) -> None:
+    def __init__(self, health: HealthCheck, registry: CollectorRegistry, role: str = "all") -> None:
         self._health_check = health
         self._registry = registry
-        self.routes: list[Route] = [
-            resource(HEALTH_PATH, get=self.health),
-            resource("/api/v1/openapi.json", get=self.openapi),
-            resource(METRICS_PATH, get=self.metrics),
-        ]
+        self._role = role
+        self.routes: list[Route] = [resource(HEALTH_PATH, get=self.health), resource(METRICS_PATH, get=self.metrics)]
+        if role != "consumer":  # the document of an API this replica serves
+            self.routes.append(resource("/api/v1/openapi.json", get=self.openapi))
 
     async def health(self, request: Request) -> Response:
         query_params(request, ())
@@ -55,7 +55,7 @@ class SystemRoutes:
         except Exception:
             log.exception("health check failed")
             ok, components = False, {}
-        body = Health("ok" if ok else "unavailable", components)
+        body = Health("ok" if ok else "unavailable", self._role, components)
         return JSONResponse(body, 200 if ok else 503, {"cache-control": "no-store"})
 
     async def openapi(self, request: Request) -> Response:

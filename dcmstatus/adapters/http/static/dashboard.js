@@ -274,10 +274,16 @@
 
   // ---------------------------------------------------------------- health
 
+  // This replica's --role (docs/operations.md#roles): an api replica consumes
+  // nothing, so its own intake figures would read zero for ever.
+  let role = null;
+
   async function refreshHealth() {
     const badge = $("health-state");
     try {
       const health = await getJSON("/api/v1/health", [503]);
+      role = health.role;
+      $("intake-elsewhere").hidden = role !== "api";
       badge.textContent = health.status;
       badge.className = "badge " + (health.status === "ok" ? "ok" : "down");
       const list = $("health");
@@ -347,6 +353,7 @@
   }
 
   async function refreshMetrics() {
+    if (role === "api") return;
     let text;
     try {
       const response = await fetch("/metrics", { credentials: "same-origin" });

@@ -1,0 +1,15 @@
+-- Every status update a HOT update (docs/database.md#hot-updates).
+--
+-- A row version whose indexed columns all keep their values goes on the same
+-- page without touching any index (a HOT update, room left by fillfactor 70,
+-- migration 0002). The (status, instance_id) index made every real status
+-- change a non-HOT update instead: a new entry in each of the table's three
+-- indexes, their pages dirtied, and after each checkpoint written whole to
+-- the WAL again. That cost grew with the number of instances (more index
+-- pages, each touched less often between checkpoints). Without it, no column
+-- an event sets is indexed: changes and re-publishes alike stay on their page.
+--
+-- The list endpoint's status filter now reads the rows in instance-id order
+-- (the primary key, or the service-type index when a type is given too) and
+-- filters them; docs/database.md#hot-updates has the cost.
+DROP INDEX IF EXISTS service_type_instances_status_idx;
