@@ -200,6 +200,7 @@ class Service:
                         subject_prefix=config.changes_subject_prefix,
                         max_age=config.changes_retention,
                         replicas=config.stream_replicas,
+                        security=config.nats_security(),
                     )
                 ),
             )

@@ -190,7 +190,7 @@ class Scale:
         return proc, data_dir
 
     def drain(self, replicas: int, workload: Workload) -> Drain:
-        db_url = self.servers.fresh_database(workload)
+        db_url = self.servers.fresh_database(workload.instances)
         self.servers.fresh_stream(workload.messages)
         n = len(workload.messages)
         self.say(f"{replicas} replica(s): {n:,} events published; starting them")
@@ -290,7 +290,7 @@ def table(drains: list[Drain], machine: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="dcmstatus-scale-"))
-    servers = Servers(args.nats_url, args.database_url, work_dir)
+    servers = Servers(args.nats_url, args.database_url, work_dir, window=2000)
     scale = Scale(args, servers, work_dir)
     counts = [int(c) for c in args.replicas.split(",")]
     drains: list[Drain] = []

@@ -296,6 +296,10 @@ def test_serve_consumes_from_a_secured_nats_and_publish_takes_the_same_options(s
                 "--service-type", "vm", "--instance", "vm1", "--status", "RUNNING"]  # fmt: skip
         assert cli.main(argv) == 0, capsys.readouterr().err
         wait_for(lambda: svc.http("GET", "/api/v1/service-type-instances/vm1")[1]["status"] == "RUNNING", "RUNNING")
+        # The change relay has its own connection, with the same TLS and
+        # credentials: the creation and the change reach the changes stream.
+        wait_for(lambda: svc.metric("dcmstatus_changes_published_total") >= 2, "both changes published")
+        assert svc.http("GET", "/api/v1/health")[1]["components"]["changes"] == "publishing"
     finally:
         assert svc.stop() == 0
     assert "s3rve-t0ken" not in svc.log()

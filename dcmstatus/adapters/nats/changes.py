@@ -30,6 +30,7 @@ import trio_asyncio
 from nats.js.api import StorageType
 
 from dcmstatus.adapters.nats import internals
+from dcmstatus.adapters.nats.connection import NatsSecurity, open_connection
 from dcmstatus.adapters.nats.source import nats_servers, stream_replicas
 from dcmstatus.core.changes import PendingChange, change_subject
 
@@ -50,6 +51,9 @@ class ChangeStreamSettings(msgspec.Struct, frozen=True):
     window: int = 256  # publishes awaiting their ack at most
     ack_timeout: float = 10.0  # for a window's acks
     replicas: int | None = None  # of a stream we create; None: 1 on a single server, 3 on a cluster
+    # The same credentials and TLS as intake's connection (docs/security.md):
+    # a NATS that wants them for one connection wants them for both.
+    security: NatsSecurity = msgspec.field(default_factory=NatsSecurity)
 
 
 class ChangePublisher:
@@ -94,8 +98,9 @@ class ChangePublisher:
     async def _ready(self) -> None:
         s = self.settings
         if self._nc is None or self._nc.is_closed:
-            self._nc = await nats.connect(
+            self._nc = await open_connection(
                 nats_servers(s.url),  # --nats-url may list several servers
+                s.security,
                 name="dcmstatus-relay",
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
