@@ -18,7 +18,7 @@ import psycopg
 import psycopg_pool
 import pytest
 
-from dcmstatus.adapters.postgres.instances import check_connection
+from dcmstatus.adapters.postgres.instances import CHECK_INTERVAL, check_connection
 from dcmstatus.adapters.postgres.schema import migrate
 from dcmstatus.adapters.postgres.writer import StatusStore
 from dcmstatus.core.batching import WriteBatch
@@ -134,6 +134,9 @@ def test_the_api_pool_drops_a_connection_to_a_server_that_turned_read_only(pg_pa
         with pool.connection() as conn:
             assert conn.info.port == first_port
         _make_read_only_and_promote_the_standby(pg_pair)
+        # A connection checked within the check interval is handed out as it
+        # is (a request on it fails as unavailable); past it, it is checked.
+        time.sleep(CHECK_INTERVAL)
         with pool.connection() as conn:
             # The pooled connection to the old primary was dropped at checkout.
             assert conn.info.port == pg_pair.primary.port != first_port

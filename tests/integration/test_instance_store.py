@@ -86,3 +86,21 @@ async def test_refused_values_and_taken_ids_keep_their_own_errors(pool):
         await store.create("vm", b"{}", instance_id="taken")
     with pytest.raises(InvalidInput):
         await store.create("vm", b'{"k": "\\u0000"}')
+
+
+def test_the_pool_check_costs_no_round_trip_for_a_connection_checked_just_now(database_url, monkeypatch):
+    """A connection checked within the last CHECK_INTERVAL is handed out as it
+    is (an API read is then one round trip, not two); one idle for longer is
+    checked again, and a dead one is dropped."""
+    import dcmstatus.adapters.postgres.instances as instances
+
+    clock = [1000.0]
+    monkeypatch.setattr(instances, "_monotonic", lambda: clock[0])
+    with psycopg.connect(database_url, autocommit=True) as conn, psycopg.connect(database_url, autocommit=True) as admin:
+        instances.check_connection(conn)  # checked: a round trip
+        admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+        clock[0] += instances.CHECK_INTERVAL / 2
+        instances.check_connection(conn)  # within the interval: not asked again
+        clock[0] += instances.CHECK_INTERVAL
+        with pytest.raises(psycopg.OperationalError):
+            instances.check_connection(conn)  # idle for longer: asked, found dead

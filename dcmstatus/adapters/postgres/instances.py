@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import base64
 import builtins  # annotations in the class body: its list() method shadows the type
+import time
 import uuid
+import weakref
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -58,6 +60,16 @@ _UNAVAILABLE = (
 )
 
 
+# A connection checked this recently is handed out without another round
+# trip: checking every checkout doubled an API read's round trips (and most of
+# its PostgreSQL CPU). A connection that died within the interval fails its
+# request once, as unavailable (503), and the pool drops it when it comes back
+# broken (docs/reliability.md#replication-and-failover).
+CHECK_INTERVAL = 1.0  # seconds
+_monotonic = time.monotonic
+_checked_at: weakref.WeakKeyDictionary[psycopg.Connection[Any], float] = weakref.WeakKeyDictionary()
+
+
 def check_connection(conn: psycopg.Connection[Any]) -> None:
     """The pools' `check` at each checkout: raise, so the pool drops it and
     connects afresh, for a connection that no longer works (its server was
@@ -65,8 +77,12 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
     now reports itself read-only (a hot standby, or a primary set read-only:
     PostgreSQL pushes these two settings to every session). The new
     connection goes where the URL's target_session_attrs sends it
-    (docs/reliability.md#replication-and-failover)."""
-    psycopg_pool.ConnectionPool.check_connection(conn)  # first: its answer brings what changed
+    (docs/reliability.md#replication-and-failover). The round trip is skipped
+    for a connection checked within CHECK_INTERVAL."""
+    now = _monotonic()
+    if now - _checked_at.get(conn, float("-inf")) >= CHECK_INTERVAL:
+        psycopg_pool.ConnectionPool.check_connection(conn)  # first: its answer brings what changed
+        _checked_at[conn] = now
     info = conn.info
     for setting in ("in_hot_standby", "default_transaction_read_only"):
         if info.parameter_status(setting) == "on":
