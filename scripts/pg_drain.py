@@ -29,7 +29,6 @@ import tempfile
 import threading
 import time
 import types
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from dcmstatus.adapters.postgres import writer as new_writer
 from dcmstatus.core.batching import BatchBuilder, WriteBatch
 from dcmstatus.core.catalog import Catalog
 from dcmstatus.core.decoding import Decoder
-from dcmstatus.devtools.bench import T0, make_workload
+from dcmstatus.devtools.bench import make_workload, seed_instances
 from dcmstatus.devtools.embedded import EmbeddedPostgres, create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,13 +85,7 @@ class Variant:
                 conn.execute(sql)
             if self.extra:
                 conn.execute(self.extra)
-            created = T0 - timedelta(days=1)  # before every event: the predecessor guard lets them in
-            with conn.cursor().copy(
-                "COPY service_type_instances (instance_id, service_type, created_at) FROM STDIN"
-            ) as copy:
-                for instance, service_type in instances:
-                    copy.write_row((instance, service_type, created))
-            conn.execute("VACUUM ANALYZE service_type_instances")
+            seed_instances(conn, instances)
             conn.execute("CHECKPOINT")  # the same start for every variant: first touches write full pages
         self._db = name
         return url

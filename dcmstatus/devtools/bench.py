@@ -424,15 +424,7 @@ class Servers:
         url = create_database(self.pg_url, name)
         migrate(url)
         with psycopg.connect(url, autocommit=True) as conn:
-            # Rows dated before the first event: the predecessor guard ignores
-            # events older than the row they would update.
-            created = T0 - timedelta(days=1)
-            with conn.cursor().copy(
-                "COPY service_type_instances (instance_id, service_type, created_at) FROM STDIN"
-            ) as copy:
-                for instance, service_type in instances:
-                    copy.write_row((instance, service_type, created))
-            conn.execute("VACUUM ANALYZE service_type_instances")
+            seed_instances(conn, instances)
         return url
 
     def drop(self, url: str) -> None:
@@ -466,6 +458,16 @@ async def _fresh_stream(url: str, messages: list[tuple[str, bytes]], window: int
         return {"publish_s": round(seconds, 2), "resent": filler.resent, "stored": stored}
     finally:
         await nc.close()
+
+
+def seed_instances(conn: psycopg.Connection[Any], instances: Sequence[tuple[str, str]]) -> None:
+    """The workload's rows, dated before the first event: the predecessor
+    guard ignores events older than the row they would update."""
+    created = T0 - timedelta(days=1)
+    with conn.cursor().copy("COPY service_type_instances (instance_id, service_type, created_at) FROM STDIN") as copy:
+        for instance, service_type in instances:
+            copy.write_row((instance, service_type, created))
+    conn.execute("VACUUM ANALYZE service_type_instances")
 
 
 def _rss_peak_mb(pid: int) -> float:
