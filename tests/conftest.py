@@ -26,14 +26,29 @@ import asyncio
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from dcmstatus.devtools.cluster import NatsCluster, PgPair
 from dcmstatus.devtools.embedded import EmbeddedNats, EmbeddedPostgres, create_database, drop_database
+
+
+@pytest.fixture(autouse=True)
+def _events_start_now():
+    """test_service.publish() dates events from its T0, which must be when
+    the test started, for every module that uses it: the rows a test creates
+    through the API are dated now, and the predecessor guard ignores events
+    older than their row by more than the allowed clock skew
+    (docs/database.md#ordering-guard). A T0 from import time is minutes old
+    by the time a later module runs in a full suite."""
+    module = sys.modules.get("test_service")
+    if module is not None:
+        module.T0 = datetime.now(UTC)
 
 DCM_SUBJECTS = "dcm.*"
 _INTEGRATION_DIR = Path(__file__).parent / "integration"

@@ -12,12 +12,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
-import test_service
 from sse_client import EventReader
 from test_service import Running, publish, wait_for
 
@@ -25,15 +22,6 @@ from test_service import Running, publish, wait_for
 # which it can only if it never connects to NATS.
 DEAD_NATS = "nats://127.0.0.1:9"
 
-
-@pytest.fixture(autouse=True)
-def _events_start_now():
-    """publish() dates events from test_service.T0, which only that module's
-    tests reset: taken at import, it is minutes old by the time these run in
-    a full suite, older than the rows these tests create by more than the
-    allowed clock skew, and the predecessor guard then ignores every event
-    (docs/database.md#ordering-guard)."""
-    test_service.T0 = datetime.now(UTC)
 
 
 def start_role(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None) -> Running:

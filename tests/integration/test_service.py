@@ -22,16 +22,11 @@ import pytest
 
 from dcmstatus.cli.publish import build_event, publish_event
 
-# Event times are real ones, taken when each test starts: the rows these tests
-# create through the API are dated now, and the predecessor guard ignores
-# events older than their row (docs/database.md#ordering-guard).
+# Event times are real ones, taken when each test starts (tests/conftest.py
+# resets T0): the rows these tests create through the API are dated now, and
+# the predecessor guard ignores events older than their row
+# (docs/database.md#ordering-guard).
 T0 = datetime.now(UTC)
-
-
-@pytest.fixture(autouse=True)
-def _events_start_now():
-    global T0
-    T0 = datetime.now(UTC)
 
 
 class Running:
