@@ -70,9 +70,10 @@ _ACK_JOIN: Final = _ACK_END + "PUB "
 FrameHandler = Callable[[bytes, bytes, bytes, "bytes | None"], bool]
 
 
-def fast_path_problem(nc: Any, sub: Any) -> str | None:
-    """Why the fast path cannot be used with this nats-py client and
-    subscription, in one sentence, or None when it can."""
+def _client_method_problems(nc: Any) -> list[str]:
+    """What differs from what both fast paths expect of the Client's private
+    coroutine methods (_process_msg exactly, the others by their leading
+    parameters)."""
     problems = []
     for name, leading in (("_process_msg", _PROCESS_MSG), ("_send_command", ["cmd"]), ("_flush_pending", [])):
         method = getattr(nc, name, None)
@@ -82,6 +83,13 @@ def fast_path_problem(nc: Any, sub: Any) -> str | None:
         params = list(inspect.signature(method).parameters)
         if params[: len(leading)] != leading or (name == "_process_msg" and params != leading):
             problems.append(f"Client.{name} takes ({', '.join(params)})")
+    return problems
+
+
+def fast_path_problem(nc: Any, sub: Any) -> str | None:
+    """Why the fast path cannot be used with this nats-py client and
+    subscription, in one sentence, or None when it can."""
+    problems = _client_method_problems(nc)
     sid = getattr(sub, "_id", None)
     subs = getattr(nc, "_subs", None)
     if type(sid) is not int or not isinstance(subs, dict) or subs.get(sid) is not sub:
@@ -347,15 +355,7 @@ def _install_parser(
 def raw_send_problem(nc: Any) -> str | None:
     """Why the change relay's raw publish and reply hook cannot be used with
     this nats-py client, in one sentence, or None when they can."""
-    problems = []
-    for name, leading in (("_process_msg", _PROCESS_MSG), ("_send_command", ["cmd"]), ("_flush_pending", [])):
-        method = getattr(nc, name, None)
-        if not inspect.iscoroutinefunction(method):
-            problems.append(f"Client.{name} is not a coroutine method")
-            continue
-        params = list(inspect.signature(method).parameters)
-        if params[: len(leading)] != leading or (name == "_process_msg" and params != leading):
-            problems.append(f"Client.{name} takes ({', '.join(params)})")
+    problems = _client_method_problems(nc)
     return "; ".join(problems) or None
 
 
